@@ -1,0 +1,1 @@
+"""Concrete models: exact testbeds, networks and their training. Never imported by pplalign/."""

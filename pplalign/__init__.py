@@ -1,0 +1,30 @@
+"""pplalign: generation as Bayesian inference in reward-tilted targets σ ∝ p₀·exp(r/β)."""
+
+from . import distributed, metrics, resampling
+from .csmc import csmc
+from .distributed import particle_mesh
+from .particles import Particles
+from .programs import Sequential, Tilted, Twist, tilt
+from .resampling import multinomial, residual, stratified, systematic
+from .smc import best_of_n, importance_sampling, smc
+
+__all__ = [
+    "Particles",
+    "Sequential",
+    "Tilted",
+    "Twist",
+    "tilt",
+    "smc",
+    "csmc",
+    "importance_sampling",
+    "best_of_n",
+    "multinomial",
+    "stratified",
+    "systematic",
+    "residual",
+    "particle_mesh",
+    "metrics",
+    "resampling",
+    "distributed",
+]
+__version__ = "0.1.0"
