@@ -87,6 +87,18 @@ def _check_scalar(value: jax.Array, what: str) -> jax.Array:
     return value
 
 
+def reorder_states(base: Any, states: Any, ancestors: jax.Array, t: jax.Array) -> Any:
+    """Gather the particle states by ancestor indices.
+
+    A program may define ``reorder(states, ancestors, t)`` to do this cheaper than a gather of every leaf
+    (e.g. a language model gathering only the filled part of its KV cache, DESIGN §4); otherwise every leaf
+    with the leading particle axis is gathered.
+    """
+    if hasattr(base, "reorder"):
+        return base.reorder(states, ancestors, t)
+    return jax.tree_util.tree_map(lambda leaf: jnp.take(leaf, ancestors, axis=0), states)
+
+
 def _propose_one(target: Tilted, twist, proposal, key, state, log_psi_prev, t, last: bool, pinned):
     """Move one particle through step t; returns (new_state, log G_t, log ψ_t, nonfinite)."""
     base = target.base
@@ -202,7 +214,7 @@ def step(
         idx = resampling(resample_key, log_w, n).astype(jnp.int32)
         if reference is not None:
             idx = idx.at[0].set(0)
-        gathered = jax.tree_util.tree_map(lambda leaf: jnp.take(leaf, idx, axis=0), states)
+        gathered = reorder_states(target.base, states, idx, t)
         return (
             constrain_particles(gathered, mesh),
             jnp.zeros_like(log_w),
@@ -305,7 +317,13 @@ def smc(
 
 
 def importance_sampling(key: jax.Array, target: Tilted, num_particles: int, *, proposal=None, mesh=None) -> Particles:
-    """Self-normalised importance sampling with proposal q (default p₀): w = p₀(x) exp(r(x)/β) / q(x)."""
+    """Self-normalised importance sampling with proposal q (default p₀): w = p₀(x) exp(r(x)/β) / q(x).
+
+    Static targets (``tilt`` of a genjax or numpyro program) are handled by :mod:`pplalign.static`."""
+    if not isinstance(target, Tilted):
+        from . import static
+
+        return static.importance_sampling(key, target, num_particles, proposal=proposal, mesh=mesh)
     return smc(key, target, num_particles, proposal=proposal, ess_threshold=0.0, mesh=mesh)
 
 
