@@ -1,0 +1,41 @@
+"""Variational inference toward reward-tilted targets: objectives, gradient estimators, fitting, RL guidance.
+
+KL-regularised RL is variational inference (Korbak et al. 2022): max_q E_q[r] − β·KL(q‖p₀) is attained at
+σ ∝ p₀·exp(r/β) with value β·log Z. See :mod:`pplalign.vi.objectives` for the maths of each objective,
+:mod:`pplalign.vi.estimators` for the gradient estimators (one argument switches between them) and
+:mod:`pplalign.vi.adev` for the same objectives as genjax ADEV programs.
+"""
+
+from .estimators import ESTIMATORS, estimate
+from .families import GaussianFamily, SequentialFamily, sample_program, sequence_log_prob
+from .objectives import (
+    Objective,
+    check_support,
+    dpg,
+    elbo,
+    exact_summary,
+    forward_kl,
+    iwae,
+    kl_regularised_rl,
+    renyi,
+    reward_maximisation,
+)
+
+__all__ = [
+    "ESTIMATORS",
+    "estimate",
+    "GaussianFamily",
+    "SequentialFamily",
+    "sample_program",
+    "sequence_log_prob",
+    "Objective",
+    "check_support",
+    "dpg",
+    "elbo",
+    "exact_summary",
+    "forward_kl",
+    "iwae",
+    "kl_regularised_rl",
+    "renyi",
+    "reward_maximisation",
+]
