@@ -1,0 +1,242 @@
+"""The transformer LM as a pplalign ``Sequential`` program, with a KV cache that resampling reorders cheaply.
+
+p₀(x_0..x_{T-1} | prompt) = ∏_t softmax(f(prompt, x_{<t}))[x_t], with ``<eos>`` absorbing: after it every
+step draws ``<pad>`` with probability 1 (so finished sequences keep static shapes and contribute factor 1).
+
+Where the work happens (DESIGN §3): ``update(state, x_t, t)`` feeds x_t through the network at absolute
+position ``prompt_length + t``, writes its keys/values into slot t of the particle's own cache, and stores the
+next-token logits and the final hidden state; ``transition`` only reads the logits. The prompt's cache is
+computed once (``LMProgram.from_prompt``) and lives, unbatched, in the program object: every particle attends
+to the same prompt keys/values, so the per-particle cache holds only the T generated positions.
+
+Resampling (``reorder``) gathers the small per-particle leaves and only the *filled* part of the cache — slots
+0..t after step t — rounded up to a multiple of ``bucket`` slots so that a handful of gather shapes compile
+(a ``lax.switch`` over buckets). The cache may be stored in a smaller dtype (``cache_dtype="bfloat16"``),
+halving both the attention's reads and the resampling gather.
+
+Many prompts: ``prompt_caches`` prefills a batch of prompts; :func:`vmap_prompts` runs any sampler once per
+prompt with ``vmap`` (each prompt has its own particle system, as resampling must not mix prompts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+
+from .tokenizer import BOS, EOS, PAD, Tokenizer
+from .transformer import Transformer
+
+__all__ = ["PromptCache", "LMState", "LMProgram", "prompt_caches", "vmap_prompts", "ancestral_sample"]
+
+
+class PromptCache(NamedTuple):
+    """The prefilled prompt: shared by every particle (a leading batch axis when many prompts)."""
+
+    kv: jax.Array  # [L, 2, P, D]
+    mask: jax.Array  # [P] bool, real (non-pad) prompt positions
+    length: jax.Array  # [] int32 number of real prompt tokens
+    logits: jax.Array  # [V] next-token logits after the prompt
+    hidden: jax.Array  # [D] final hidden state at the prompt's last token
+    tokens: jax.Array  # [P] int32 prompt ids (right-padded), for rewards that need the prompt
+
+
+class LMState(NamedTuple):
+    """One particle."""
+
+    kv: jax.Array  # [L, 2, T, D] keys/values of the generated tokens (slot t = step t)
+    tokens: jax.Array  # [T] int32 drawn tokens, <pad> after <eos> and for future steps
+    logits: jax.Array  # [V] next-token logits (masked: only <pad> once finished)
+    hidden: jax.Array  # [D] final hidden state that predicts the next token (frozen once finished)
+    prev_hidden: jax.Array  # [D] the hidden state that predicted the last token (for a twist head's ψ_t)
+    last: jax.Array  # [] int32 last drawn token (−1 before step 0; frozen at <eos> once finished)
+    done: jax.Array  # [] bool, <eos> drawn
+    length: jax.Array  # [] int32 number of tokens drawn before finishing (incl. <eos>)
+
+
+def prompt_caches(model: Transformer, prompts: Sequence[Sequence[int]] | np.ndarray, *, pad_to: Optional[int] = None,
+                  cache_dtype: Any = jnp.float32) -> PromptCache:
+    """Prefill a batch of prompts (lists of token ids, ``<bos>`` first); a PromptCache with leading axis B.
+
+    Raises ``ValueError`` for an empty prompt or one longer than ``pad_to`` / the model's ``max_len``."""
+    rows = [list(map(int, p)) for p in prompts]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("prompts must be non-empty token lists (start them with <bos>)")
+    longest = max(len(r) for r in rows)
+    pad_to = pad_to or longest
+    if longest > pad_to:
+        raise ValueError(f"a prompt has {longest} tokens, longer than the prompt cache of {pad_to}")
+    if pad_to > model.cfg.max_len:
+        raise ValueError(f"prompt cache of {pad_to} tokens is longer than the model's max_len {model.cfg.max_len}")
+    vocab = model.cfg.vocab_size
+    if any(not 0 <= i < vocab for r in rows for i in r):
+        raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+    tokens = np.full((len(rows), pad_to), PAD, np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = r
+    lengths = jnp.asarray([len(r) for r in rows], jnp.int32)
+    logits, hidden, kv = _prefill(model, jnp.asarray(tokens))
+    last = lengths - 1
+    take = lambda a: jnp.take_along_axis(a, last[:, None, None], axis=1)[:, 0]
+    return PromptCache(kv.astype(cache_dtype), jnp.asarray(tokens) != PAD, lengths, take(logits), take(hidden), jnp.asarray(tokens))
+
+
+@jax.jit
+def _prefill(model, tokens):
+    return model(tokens, return_kv=True)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LMProgram:
+    """Sequential program p₀(x_0..x_{T-1} | prompt) of a :class:`Transformer` (see the module docstring).
+
+    Build with :meth:`from_prompt` (one prompt) or ``LMProgram(model, prompt_caches(...)[i], ...)``.
+    ``logit_mask`` [V] (0 or −inf) bans tokens (``<pad>`` and ``<bos>`` by default).
+    """
+
+    model: Transformer
+    prompt: PromptCache
+    logit_mask: jax.Array
+    num_steps: int = dataclasses.field(metadata=dict(static=True))
+    bucket: int = dataclasses.field(default=8, metadata=dict(static=True))
+    reorder_mode: str = dataclasses.field(default="bucketed", metadata=dict(static=True))
+
+    @classmethod
+    def from_prompt(cls, model: Transformer, prompt: str | Sequence[int], num_steps: int, *,
+                    tokenizer: Optional[Tokenizer] = None, prompt_cache_len: Optional[int] = None,
+                    cache_dtype: Any = jnp.float32, bucket: int = 8, reorder_mode: str = "bucketed",
+                    banned: Sequence[int] = ()) -> "LMProgram":
+        """A program continuing ``prompt`` (text, encoded with ``tokenizer`` and ``<bos>`` first; or ids)."""
+        if isinstance(prompt, str):
+            if tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer")
+            prompt = tokenizer.encode(prompt)
+        cache = jax.tree_util.tree_map(lambda a: a[0], prompt_caches(model, [prompt], pad_to=prompt_cache_len,
+                                                                     cache_dtype=cache_dtype))
+        return cls.build(model, cache, num_steps, bucket=bucket, reorder_mode=reorder_mode, banned=banned)
+
+    @classmethod
+    def build(cls, model: Transformer, prompt: PromptCache, num_steps: int, *, bucket: int = 8,
+              reorder_mode: str = "bucketed", banned: Sequence[int] = ()) -> "LMProgram":
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive int; got {num_steps!r}")
+        if reorder_mode not in ("bucketed", "full"):
+            raise ValueError(f"reorder_mode must be 'bucketed' or 'full'; got {reorder_mode!r}")
+        if not isinstance(bucket, int) or bucket < 1:
+            raise ValueError(f"bucket must be a positive int; got {bucket!r}")
+        p = prompt.kv.shape[-2]
+        if p + num_steps > model.cfg.max_len:
+            raise ValueError(
+                f"prompt cache ({p} tokens) + {num_steps} generated tokens exceed the model's max_len "
+                f"{model.cfg.max_len}: the prompt is longer than the cache allows")
+        mask = np.zeros(model.cfg.vocab_size, np.float32)
+        mask[[PAD, BOS, *banned]] = -np.inf
+        return cls(model, prompt, jnp.asarray(mask), num_steps, bucket, reorder_mode)
+
+    # --- the Sequential protocol ---------------------------------------------------------------------------
+    @property
+    def _pad_logits(self) -> jax.Array:
+        return jnp.where(jnp.arange(self.model.cfg.vocab_size) == PAD, 0.0, -jnp.inf)
+
+    def init(self, key: jax.Array) -> LMState:
+        del key
+        cfg = self.model.cfg
+        d = cfg.d_model
+        kv = jnp.zeros((cfg.num_layers, 2, self.num_steps, d), self.prompt.kv.dtype)
+        return LMState(kv, jnp.full((self.num_steps,), PAD, jnp.int32),
+                       (self.prompt.logits + self.logit_mask).astype(jnp.float32), self.prompt.hidden.astype(jnp.float32),
+                       jnp.zeros((d,), jnp.float32), jnp.asarray(-1, jnp.int32), jnp.asarray(False),
+                       jnp.asarray(0, jnp.int32))
+
+    def transition(self, state: LMState, t) -> dist.CategoricalLogits:
+        return dist.CategoricalLogits(state.logits)
+
+    def update(self, state: LMState, x_t, t) -> LMState:
+        t = jnp.asarray(t, jnp.int32)
+        x = jnp.where(state.done, PAD, jnp.asarray(x_t, jnp.int32))
+        gen_mask = jnp.arange(self.num_steps) <= t
+        logits, hidden, kv = self.model.decode_step(x, self.prompt.length + t, self.prompt.kv, self.prompt.mask,
+                                                    state.kv, t, gen_mask)
+        now_done = state.done | (x == EOS)
+        logits = jnp.where(now_done, self._pad_logits, logits + self.logit_mask)
+        return LMState(
+            kv,
+            state.tokens.at[t].set(x),
+            logits,
+            jnp.where(now_done, state.hidden, hidden),
+            jnp.where(state.done, state.prev_hidden, state.hidden),
+            jnp.where(state.done, state.last, x),
+            now_done,
+            state.length + (~state.done).astype(jnp.int32),
+        )
+
+    def output(self, state: LMState) -> jax.Array:
+        return state.tokens
+
+    # --- resampling -----------------------------------------------------------------------------------------
+    def reorder(self, states: LMState, ancestors: jax.Array, t) -> LMState:
+        """Gather particles by ancestor index after step t: every small leaf, and the cache's filled slots.
+
+        Slots > t hold nothing yet (they are written before they are read), so only ⌈(t+1)/bucket⌉·bucket
+        slots are gathered; ``reorder_mode="full"`` gathers the whole cache (the naive reference)."""
+        small = jax.tree_util.tree_map(lambda a: jnp.take(a, ancestors, axis=0), states._replace(kv=None))
+        kv = states.kv
+        if self.reorder_mode == "full":
+            return small._replace(kv=jnp.take(kv, ancestors, axis=0))
+        steps = self.num_steps
+        sizes = sorted({min(steps, b) for b in range(self.bucket, steps + self.bucket, self.bucket)})
+
+        def gather(size):
+            def f(kv):
+                if size == steps:
+                    return jnp.take(kv, ancestors, axis=0)
+                return jax.lax.dynamic_update_slice_in_dim(kv, jnp.take(kv[..., :size, :], ancestors, axis=0), 0, axis=3)
+            return f
+
+        which = jnp.minimum(jnp.asarray(t, jnp.int32) // self.bucket, len(sizes) - 1)
+        return small._replace(kv=jax.lax.switch(which, [gather(s) for s in sizes], kv))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.cfg.vocab_size
+
+
+def vmap_prompts(fn: Callable[[jax.Array, LMProgram], Any], program: LMProgram, prompts: PromptCache, key: jax.Array):
+    """Run ``fn(key, program_for_prompt_b)`` for every prompt of a batched :class:`PromptCache`, in one
+    compiled ``vmap`` (the network weights are shared, not copied). ``fn`` may call ``pplalign.smc`` etc."""
+    num = prompts.length.shape[0]
+    keys = jax.random.split(key, num)
+
+    @jax.jit
+    def run(keys, prompts, program):
+        return jax.vmap(lambda k, pc: fn(k, dataclasses.replace(program, prompt=pc)))(keys, prompts)
+
+    return run(keys, prompts, program)
+
+
+def ancestral_sample(key: jax.Array, program: LMProgram, num: int) -> tuple[jax.Array, jax.Array]:
+    """Plain batched sampling from p₀: (tokens [num, T], log p₀ [num]). The baseline that SMC is timed against."""
+    return _ancestral_jit(key, program, num)
+
+
+def _ancestral_impl(key, program, num):
+    states = jax.vmap(program.init)(jax.random.split(key, num))
+
+    def body(carry, t):
+        states, logp = carry
+        logits = states.logits
+        x = jax.random.categorical(jax.random.fold_in(key, t), logits).astype(jnp.int32)
+        logp = logp + jnp.take_along_axis(jax.nn.log_softmax(logits), x[:, None], axis=1)[:, 0]
+        states = jax.vmap(program.update, in_axes=(0, 0, None))(states, x, t)
+        return (states, logp), None
+
+    (states, logp), _ = jax.lax.scan(body, (states, jnp.zeros((num,), jnp.float32)), jnp.arange(program.num_steps))
+    return states.tokens, logp
+
+
+_ancestral_jit = jax.jit(_ancestral_impl, static_argnums=(2,))
