@@ -163,19 +163,20 @@ class GenJAXProgram:
             w = jnp.zeros((), jnp.float32)
         choices = tr.get_choices()
         z = _remove(choices, self.constraints) if self.constraints else choices
-        return z, jnp.asarray(w, jnp.float32), Draw(choices, tr.get_retval())
+        # genjax leaves densities of vector-valued choices per element: sum them.
+        return z, jnp.sum(jnp.asarray(w, jnp.float32)), Draw(choices, tr.get_retval())
 
     def evaluate(self, z):
         choices = _merge(z, self.constraints) if self.constraints else z
         log_p, retval = self.gen_fn.assess(choices, *self.args)
-        return jnp.asarray(log_p, jnp.float32), Draw(choices, retval)
+        return jnp.sum(jnp.asarray(log_p, jnp.float32)), Draw(choices, retval)
 
     def propose(self, proposal, key):
         """Draw z from a genjax proposal program called with the same args; returns (z, log q(z))."""
         import genjax
 
         tr = genjax.seed(proposal.simulate)(key, *self.args)
-        return tr.get_choices(), -jnp.asarray(tr.get_score(), jnp.float32)
+        return tr.get_choices(), -jnp.sum(jnp.asarray(tr.get_score(), jnp.float32))
 
     def choice_shapes(self):
         import genjax
