@@ -47,6 +47,7 @@ __all__ = [
     "SoftValueTwist",
     "TiltedMixture",
     "vp_betas",
+    "alpha_bars_of",
     "ring_mixture",
     "two_mode_problem",
 ]
@@ -62,6 +63,12 @@ def vp_betas(num_steps: int, beta_min: float = 0.1, beta_max: float = 20.0) -> j
     u = np.arange(num_steps + 1, dtype=np.float64) / num_steps
     integral = beta_min * u + 0.5 * (beta_max - beta_min) * u**2
     return jnp.asarray(-np.expm1(-np.diff(integral)), jnp.float32)
+
+
+def alpha_bars_of(betas) -> jax.Array:
+    """[T+1] ᾱ_0 = 1, ᾱ_s = ∏_{u≤s}(1 − β_u), computed in float64 on the host."""
+    ab = np.cumprod(1.0 - np.asarray(betas, np.float64))
+    return jnp.asarray(np.concatenate([[1.0], ab]), jnp.float32)
 
 
 class GMMState(NamedTuple):
@@ -104,6 +111,7 @@ class GMMDiffusion:
     means: jax.Array
     stds: jax.Array
     betas: jax.Array
+    alpha_bars: jax.Array  # [T+1] ᾱ_0 = 1, ᾱ_s = ∏_{u≤s}(1 − β_u); stored, not recomputed inside samplers
     num_steps: int = dataclasses.field(metadata=dict(static=True))
 
     @staticmethod
@@ -125,7 +133,7 @@ class GMMDiffusion:
         if not bool(jnp.all((betas > 0) & (betas < 1))):
             raise ValueError("every beta_s must lie in (0, 1)")
         log_pi = jnp.log(weights) - jnp.log(jnp.sum(weights))
-        return GMMDiffusion(log_pi, means, stds, betas, num_steps)
+        return GMMDiffusion(log_pi, means, stds, betas, alpha_bars_of(betas), num_steps)
 
     # --- schedule ------------------------------------------------------------------------------
     @property
@@ -135,11 +143,6 @@ class GMMDiffusion:
     @property
     def num_components(self) -> int:
         return self.means.shape[0]
-
-    @property
-    def alpha_bars(self) -> jax.Array:
-        """[T+1] ᾱ_0 = 1, ᾱ_s = ∏_{u≤s}(1 − β_u)."""
-        return jnp.concatenate([jnp.ones((1,), jnp.float32), jnp.cumprod(1.0 - self.betas)])
 
     def diffusion_time(self, t) -> jax.Array:
         """Diffusion time *after* program step t: T − t − 1."""
@@ -249,7 +252,7 @@ class GMMDiffusion:
         """The VP diffusion of the tilted mixture: its reverse kernels are p(x_{s−1}|x_s)ψ_{s−1}/ψ_s, the
         locally optimal proposals of twisted SMC for this reward, and its init is the tilted time-T law."""
         tm = self.exact_tilted_target(center, gamma, beta)
-        return GMMDiffusion(tm.log_weights, tm.means, jnp.sqrt(tm.variances), self.betas, self.num_steps)
+        return GMMDiffusion(tm.log_weights, tm.means, jnp.sqrt(tm.variances), self.betas, self.alpha_bars, self.num_steps)
 
     def sample_tilted(self, key, num: int, center, gamma, beta, return_components: bool = False):
         """[num, d] exact draws from the tilted target."""
