@@ -1,0 +1,68 @@
+"""Saving and resuming a DTS tree (``.npz``): the tree's arrays, the PRNG key and a fingerprint of the
+configuration, so that a resumed run continues exactly (iteration k always uses ``fold_in(key, k)``) and a
+checkpoint of another configuration is refused with a clear error."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .dts import DTSConfig, init
+from .tree import Tree
+
+__all__ = ["save_tree", "load_tree", "fingerprint"]
+
+
+def fingerprint(config: DTSConfig, target: Any, capacity: int) -> dict:
+    """What must agree between a checkpoint and the run that resumes it."""
+    template = jax.eval_shape(target.base.init, jax.random.PRNGKey(0))
+    leaves = [(list(s.shape), str(s.dtype)) for s in jax.tree_util.tree_leaves(template)]
+    return {
+        "config": dataclasses.asdict(config),
+        "num_steps": int(target.num_steps),
+        "beta": float(target.beta),
+        "program": type(target.base).__name__,
+        "state_leaves": leaves,
+        "capacity": int(capacity),
+    }
+
+
+def save_tree(path: str, tree: Tree, key: jax.Array, config: DTSConfig, target: Any) -> None:
+    """Write the tree, the run's key and the configuration fingerprint to ``path`` (atomically)."""
+    flat = {f"state_{i}": np.asarray(leaf) for i, leaf in enumerate(jax.tree_util.tree_leaves(tree.states))}
+    for name in Tree._fields:
+        if name != "states":
+            flat[name] = np.asarray(getattr(tree, name))
+    flat["key"] = np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key)
+    flat["fingerprint"] = np.asarray(json.dumps(fingerprint(config, target, tree.capacity), sort_keys=True))
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **flat)
+    os.replace(tmp, path)
+
+
+def load_tree(path: str, config: DTSConfig, target: Any) -> tuple[Tree, jax.Array]:
+    """Read a checkpoint written by :func:`save_tree`; returns (tree, key). Raises ``ValueError`` if it was
+    written for another configuration, program, β or state layout."""
+    with np.load(path, allow_pickle=False) as data:
+        saved = json.loads(str(data["fingerprint"]))
+        capacity = int(saved.get("capacity", -1))
+        want = fingerprint(config, target, capacity)
+        if saved != want:
+            diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
+            raise ValueError(
+                f"checkpoint {path!r} belongs to another configuration (differs in {diff}: saved "
+                f"{ {k: saved.get(k) for k in diff} } vs now { {k: want.get(k) for k in diff} })"
+            )
+        template = init(target, 1)
+        treedef = jax.tree_util.tree_structure(template.states)
+        n_leaves = treedef.num_leaves
+        states = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(data[f"state_{i}"]) for i in range(n_leaves)])
+        fields = {name: jnp.asarray(data[name]) for name in Tree._fields if name != "states"}
+        key = jnp.asarray(data["key"])
+    return Tree(states=states, **fields), key

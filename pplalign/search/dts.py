@@ -1,0 +1,503 @@
+"""Diffusion Tree Sampling (DTS) and its greedy variant DTS* (Jain et al. 2025), compiled and resumable.
+
+Target: σ(x) ∝ p₀(x)·exp(r(x)/β) for a :class:`~pplalign.Sequential` program p₀ (a diffusion sampler: level
+ℓ of the tree holds x after ℓ − 1 reverse steps). The tree's nodes are states drawn from p₀; the value of a
+node estimates the soft value log ψ(x_n) = log E_{p₀}[exp(r(x)/β) | x_n] by the soft Bellman backup
+
+    Ŵ_leaf = exp(r(x)/β),     Ŵ_n = (1/m_n) Σ_{c ∈ children(n)} Ŵ_c      (stored as log Ŵ),
+
+so the root's β·log Ŵ estimates β·log Z. One iteration (:func:`step`, one compiled function):
+
+1. **select**: from the root, at node n with m_n children and N_n visits, *widen* (stop here) if
+   m_n < C·(N_n + 1)^α (progressive widening); otherwise move to a child chosen by the variant's rule;
+2. **expand**: draw a new child of n from p₀(· | x_n) (from ``base.init`` at the virtual root);
+3. **roll out** to a finished object with p₀, adding every visited state as a node (one transition
+   evaluation — one NFE — per step);
+4. **back up** the leaf value r/β along the path with the log-mean-exp above, and count the visits.
+
+Selection rules (``variant``):
+
+* ``"published"`` — DTS as published: Boltzmann selection over children ∝ exp(log Ŵ_c) (= exp(v̂_c/β)).
+  Because visits follow the values, progressive widening makes m_n depend on the values of n's own
+  descendants; the plain mean of a value-dependent number of children is biased (a node whose first
+  children look poor is rarely revisited and keeps its low estimate), and the samples under-tilt.
+* ``"consistent"`` — growth that never reads the tree's values: Boltzmann selection ∝ exp(h(x_c)) on a
+  heuristic twist h that is a function of the child's state alone (e.g. r(denoised mean)/β, the FK-steering
+  potential), or uniform (ancestral) selection without one. Then m_n depends only on n's own state, its
+  ancestors and its siblings — never on its descendants — so, given the tree's shape, each child is an
+  i.i.d. p₀ draw whose estimate is (inductively) unbiased, and Ŵ_n is an *unbiased* estimate of ψ(x_n):
+  E[Ŵ_root] = Z exactly. The tree's tilted leaf measure Σ_ℓ exp(r_ℓ/β) ∏_{a<ℓ} (1/m_a) is then a nested
+  importance sampler of σ, consistent as the tree grows (every m_a → ∞ under progressive widening).
+* DTS* (``greedy=True``): UCT selection argmax_c log Ŵ_c + c_uct·√(log N_n / N_c) and, for the output,
+  greedy descent argmax_c log Ŵ_c (a mode-seeking search for high reward).
+
+Sampling from a built tree costs no model evaluation: descend from the root choosing children ∝ exp(log Ŵ_c)
+(:func:`sample_tree`), which draws leaf ℓ with probability exp(r_ℓ/β)∏_a(1/m_a)/Ŵ_root.
+
+NFE (``tree.nfe``) counts transition evaluations; ``base.init`` and the twist/reward are not counted (as in
+:func:`pplalign.smc`). Iteration k draws its randomness from ``fold_in(key, k)``, so a tree saved after k
+iterations and resumed with the same key continues exactly as if never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._filter_jit import filter_jit
+from ..particles import Particles
+from ..programs import Tilted, is_sequential, validate_beta
+from . import tree as tree_lib
+from .tree import NO_NODE, ROOT, Tree
+
+__all__ = ["DTSConfig", "init", "step", "run", "sample_tree", "greedy_leaf", "dts", "nodes_needed", "check_stochastic"]
+
+VARIANTS = ("published", "consistent")
+
+
+@dataclasses.dataclass(frozen=True)
+class DTSConfig:
+    """Static configuration (hashable; part of the compile key and of a checkpoint's fingerprint).
+
+    variant:        "published" or "consistent" (see the module docstring).
+    greedy:         DTS* (UCT selection, greedy output).
+    widening_c, widening_alpha: progressive widening, widen while m_n < C·(N_n + 1)^α.
+    uct_c:          exploration constant of DTS*'s UCT score (in units of log Ŵ, i.e. reward/β).
+    """
+
+    variant: str = "published"
+    greedy: bool = False
+    widening_c: float = 1.0
+    widening_alpha: float = 0.5
+    uct_c: float = 1.0
+
+    def validate(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}; got {self.variant!r}")
+        if not (self.widening_c > 0 and math.isfinite(self.widening_c)):
+            raise ValueError(f"widening_c must be finite and > 0; got {self.widening_c}")
+        if not 0.0 < self.widening_alpha <= 1.0:
+            raise ValueError(f"widening_alpha must lie in (0, 1]; got {self.widening_alpha}")
+        if not (self.uct_c >= 0 and math.isfinite(self.uct_c)):
+            raise ValueError(f"uct_c must be finite and >= 0; got {self.uct_c}")
+        if self.greedy and self.variant == "consistent":
+            raise ValueError("greedy (DTS*) uses the tree's values to select; it has no 'consistent' variant")
+
+
+def nodes_needed(num_steps: int, num_iterations: int) -> int:
+    """Worst-case nodes for ``num_iterations`` iterations: the root plus T + 1 new nodes per iteration
+    (an expansion at the root adds an initial state and T stepped states)."""
+    return 1 + num_iterations * (num_steps + 1)
+
+
+def _sanitize(x):
+    x = jnp.asarray(x, jnp.float32)
+    bad = jnp.isnan(x) | (x == jnp.inf)
+    return jnp.where(bad, -jnp.inf, x), bad
+
+
+def _scalar(value, what: str):
+    value = jnp.asarray(value)
+    if value.shape != ():
+        raise ValueError(f"{what} must return a scalar per state; got shape {value.shape}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# one iteration
+# --------------------------------------------------------------------------------------------------
+
+
+def _widen(tree: Tree, node, config: DTSConfig):
+    """Progressive widening: widen while m_n < C·(N_n + 1)^α (the +1 counts the current visit)."""
+    limit = config.widening_c * jnp.power(tree.visits[node].astype(jnp.float32) + 1.0, config.widening_alpha)
+    return tree.num_children[node].astype(jnp.float32) < limit
+
+
+def _choose(tree: Tree, node, key, config: DTSConfig):
+    if config.greedy:
+        log_n = jnp.log(tree.visits[node].astype(jnp.float32) + 1.0)
+        score = lambda c: tree.log_value[c] + config.uct_c * jnp.sqrt(log_n / jnp.maximum(tree.visits[c], 1))
+        return tree_lib.gumbel_over_children(tree, node, key, score, noise=False)
+    if config.variant == "consistent":
+        return tree_lib.gumbel_over_children(tree, node, key, lambda c: tree.heuristic[c])
+    return tree_lib.select_child(tree, node, key)
+
+
+def _descend(tree: Tree, key, config: DTSConfig, leaf_level: int):
+    """Walk from the root to the node to widen; returns (node, expand?). Stops without expanding at a leaf."""
+
+    def cond(c):
+        node, stop, _ = c
+        return ~stop
+
+    def body(c):
+        node, _, depth = c
+        at_leaf = tree.level[node] == leaf_level
+        widen = (~at_leaf) & _widen(tree, node, config)
+        child = _choose(tree, node, jax.random.fold_in(key, depth), config)
+        stop = at_leaf | widen | (child == NO_NODE)
+        return jnp.where(stop, node, child), stop, depth + 1
+
+    node, _, _ = jax.lax.while_loop(cond, body, (jnp.asarray(ROOT, jnp.int32), jnp.asarray(False), jnp.asarray(0)))
+    return node, tree.level[node] < leaf_level
+
+
+def _new_child(target: Tilted, twist, tree: Tree, node, level, key, config: DTSConfig):
+    """Draw one child state of ``node``: from init at the root, else from the transition (one NFE).
+    Returns (state, heuristic, log_value-if-leaf, nfe increment, nonfinite)."""
+    base = target.base
+    num_steps = target.num_steps
+    parent_state = jax.tree_util.tree_map(lambda buf: buf[node], tree.states)
+    use_twist = twist is not None and config.variant == "consistent" and not config.greedy
+
+    def from_init(_):
+        return base.init(key), jnp.asarray(0, jnp.int32)
+
+    def from_transition(_):
+        t = level - 1
+        x = base.transition(parent_state, t).sample(key)
+        return base.update(parent_state, x, t), jnp.asarray(1, jnp.int32)
+
+    state, nfe = jax.lax.cond(level == 0, from_init, from_transition, None)
+    t = level - 1  # the step that produced the child (−1: init)
+    is_leaf = level + 1 == num_steps + 1
+    reward, bad_r = _sanitize(_scalar(target.log_potential(base.output(state)), "reward"))
+    leaf_value = jnp.where(is_leaf, reward, -jnp.inf)
+    bad = is_leaf & bad_r
+    if use_twist:
+        h, bad_h = _sanitize(_scalar(twist(state, jnp.maximum(t, 0)), "twist"))
+        h = jnp.where(t < 0, 0.0, jnp.where(is_leaf, reward, h))
+        bad = bad | ((t >= 0) & ~is_leaf & bad_h)
+    else:
+        h = jnp.zeros((), jnp.float32)
+    return state, h, leaf_value, nfe, bad
+
+
+def _expand_and_rollout(target, twist, tree: Tree, node, key, config: DTSConfig, active=True):
+    """Add a child of ``node`` and roll out from it to a leaf, adding every state; returns (tree, leaf).
+    With ``active`` false nothing is added and ``node`` is returned."""
+    leaf_level = target.num_steps + 1
+
+    def cond(c):
+        _, _, level, _ = c
+        return active & (level < leaf_level)
+
+    def body(c):
+        tree, cur, level, i = c
+        state, h, leaf_value, nfe, bad = _new_child(target, twist, tree, cur, level, jax.random.fold_in(key, i), config)
+        tree, idx = tree_lib.add_child(tree, cur, state, h, parent_level=level)
+        tree = tree._replace(
+            log_value=tree.log_value.at[idx].set(leaf_value),
+            nfe=tree.nfe + nfe,
+            nonfinite=tree.nonfinite | bad,
+        )
+        return tree, idx, level + 1, i + 1
+
+    tree, leaf, _, _ = jax.lax.while_loop(cond, body, (tree, node, tree.level[node], jnp.asarray(0)))
+    return tree, leaf
+
+
+def _backup(tree: Tree, bottom, num_before, leaf_level: int) -> Tree:
+    """From ``bottom`` up to the root: recompute log Ŵ_n = log Σ_c Ŵ_c − log m_n and count the visit of
+    every node that existed before this iteration (new nodes were created with one visit).
+
+    Two passes so that XLA updates the node arrays in place: a read-only pass walks up and computes the new
+    values into a path buffer (the path child's new value is carried, its siblings are unchanged), then a
+    write-only pass stores them. (Reading a node array inside a loop that also writes it makes XLA copy the
+    whole array on every iteration, which would make an iteration cost O(capacity).)"""
+    path_len = leaf_level + 1
+
+    def read_cond(c):
+        node = c[0]
+        return node != NO_NODE
+
+    def read_body(c):
+        node, child, child_value, i, nodes, values = c
+        internal = tree.level[node] < leaf_level
+        others = tree_lib.children_logsumexp(tree, node, exclude=child)
+        m = jnp.maximum(tree.num_children[node], 1).astype(jnp.float32)
+        value = jnp.where(internal, jnp.logaddexp(others, child_value) - jnp.log(m), tree.log_value[node])
+        return tree.parent[node], node, value, i + 1, nodes.at[i].set(node), values.at[i].set(value)
+
+    init = (
+        bottom,
+        jnp.asarray(NO_NODE, jnp.int32),
+        jnp.asarray(-jnp.inf, jnp.float32),
+        jnp.asarray(0),
+        jnp.full((path_len,), NO_NODE, jnp.int32),
+        jnp.zeros((path_len,), jnp.float32),
+    )
+    _, _, _, count, nodes, values = jax.lax.while_loop(read_cond, read_body, init)
+
+    def write(i, tree):
+        node = nodes[i]
+        return tree._replace(
+            log_value=tree.log_value.at[node].set(values[i]),
+            visits=tree.visits.at[node].add(jnp.where(node < num_before, 1, 0)),
+        )
+
+    return jax.lax.fori_loop(0, count, write, tree)
+
+
+def step(key: jax.Array, tree: Tree, target: Tilted, config: DTSConfig = DTSConfig(), twist=None) -> Tree:
+    """One DTS iteration (select, expand, roll out, back up), using ``fold_in(key, tree.iteration)``.
+
+    If the next rollout might not fit (num_nodes + T + 1 > capacity) the tree is returned unchanged with
+    ``full`` set (``dts`` refuses such runs up front unless ``on_full="stop"``)."""
+    leaf_level = target.num_steps + 1
+    it_key = jax.random.fold_in(key, tree.iteration)
+    select_key, expand_key = jax.random.split(it_key)
+    fits = tree.num_nodes + leaf_level <= tree.capacity
+
+    num_before = tree.num_nodes
+    node, expand = _descend(tree, select_key, config, leaf_level)
+    # No lax.cond over the tree (XLA would copy every node array): when the rollout would not fit, start
+    # the rollout and the backup from NO_NODE-free no-ops — the loops below simply run zero times.
+    start = jnp.where(fits, node, jnp.asarray(ROOT, jnp.int32))
+    tree, bottom = _expand_and_rollout(target, twist, tree, start, expand_key, config, active=fits & expand)
+    tree = _backup(tree, jnp.where(fits, bottom, NO_NODE), num_before, leaf_level)
+    return tree._replace(iteration=tree.iteration + fits.astype(jnp.int32), full=tree.full | ~fits)
+
+
+def _run(key, tree, target, num_iterations, config, twist):
+    return jax.lax.fori_loop(0, num_iterations, lambda _, tr: step(key, tr, target, config, twist), tree)
+
+
+run = filter_jit(_run)
+run.__doc__ = "``num_iterations`` (an int32 array, so one compile serves every count) compiled iterations."
+
+
+# --------------------------------------------------------------------------------------------------
+# reading a tree
+# --------------------------------------------------------------------------------------------------
+
+
+def _descend_sample(tree: Tree, key, leaf_level: int, greedy: bool):
+    def cond(c):
+        return tree.level[c[0]] < leaf_level
+
+    def body(c):
+        node, depth = c
+        child = tree_lib.gumbel_over_children(tree, node, jax.random.fold_in(key, depth), lambda n: tree.log_value[n], noise=not greedy)
+        # A node with no children cannot occur below a finished rollout; guard anyway (stay put → loop ends
+        # only at leaves, so map NO_NODE to a leaf-level sentinel by returning the node and breaking).
+        return jnp.where(child == NO_NODE, node, child), depth + 1
+
+    def guarded_cond(c):
+        return cond(c) & (tree.first_child[c[0]] != NO_NODE)
+
+    node, _ = jax.lax.while_loop(guarded_cond, body, (jnp.asarray(ROOT, jnp.int32), jnp.asarray(0)))
+    return node
+
+
+def _sample_leaves(key, tree, num_steps: int, num_samples: int, greedy: bool):
+    keys = jax.random.split(key, num_samples)
+    return jax.vmap(lambda k: _descend_sample(tree, k, num_steps + 1, greedy))(keys)
+
+
+_sample_leaves_jit = jax.jit(_sample_leaves, static_argnums=(2, 3, 4))
+
+
+def sample_tree(key: jax.Array, tree: Tree, num_steps: int, num_samples: int) -> jax.Array:
+    """Indices of ``num_samples`` leaves drawn from the tree's tilted leaf measure (no model evaluation):
+    descend from the root choosing child c with probability exp(log Ŵ_c) / Σ_{c'} exp(log Ŵ_{c'})."""
+    return _sample_leaves_jit(key, tree, int(num_steps), int(num_samples), False)
+
+
+def greedy_leaf(tree: Tree, num_steps: int) -> jax.Array:
+    """DTS*'s output: descend from the root by argmax_c log Ŵ_c."""
+    return _sample_leaves_jit(jax.random.PRNGKey(0), tree, int(num_steps), 1, True)[0]
+
+
+def leaf_outputs(target: Tilted, tree: Tree, leaves: jax.Array):
+    """``base.output`` of the given leaves' states."""
+    states = jax.tree_util.tree_map(lambda buf: buf[leaves], tree.states)
+    return jax.vmap(target.base.output)(states)
+
+
+# --------------------------------------------------------------------------------------------------
+# the public function
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_stochastic_impl(key, target, num_draws: int):
+    base = target.base
+    state = base.init(key)
+
+    def body(state, t):
+        d = base.transition(state, t)
+        draws = jax.vmap(lambda k: d.sample(k))(jax.random.split(jax.random.fold_in(key, t), num_draws))
+        flat = jnp.reshape(jnp.asarray(draws, jnp.float32), (num_draws, -1))
+        varies = jnp.any(flat != flat[0])
+        return base.update(state, jax.tree_util.tree_map(lambda a: a[0], draws), t), varies
+
+    _, varies = jax.lax.scan(body, state, jnp.arange(target.num_steps))
+    return varies
+
+
+_check_stochastic = filter_jit(_check_stochastic_impl)
+
+
+def check_stochastic(target: Tilted, key: Optional[jax.Array] = None, num_draws: int = 8) -> None:
+    """Raise ``ValueError`` if every step of the base program is deterministic (a DDIM sampler with η = 0,
+    a ``Delta`` transition): DTS branches by drawing several children of a node, which needs noise.
+    Costs one ancestral path with ``num_draws`` draws per step (not counted in the tree's NFE)."""
+    key = jax.random.PRNGKey(0) if key is None else key
+    varies = np.asarray(_check_stochastic(key, target, num_draws))
+    if not varies.any():
+        raise ValueError(
+            "DTS needs a stochastic sampler: every transition of the base program returned the same draw for "
+            f"{num_draws} different keys (a deterministic sampler such as DDIM with eta=0 cannot branch); "
+            "use a stochastic reverse step (DDPM, DDIM with eta > 0)."
+        )
+
+
+def init(target: Tilted, capacity: int) -> Tree:
+    """An empty tree (the virtual root only) sized for ``capacity`` nodes."""
+    template = jax.eval_shape(target.base.init, jax.random.PRNGKey(0))
+    template = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), template)
+    return tree_lib.empty(int(capacity), template)
+
+
+def _check_target(target) -> None:
+    if not isinstance(target, Tilted) or not is_sequential(target.base):
+        raise ValueError(
+            f"target must come from pplalign.tilt(base, reward, beta) with a Sequential base; got {type(target).__name__}"
+        )
+    validate_beta(target.beta)
+
+
+def dts(
+    key: jax.Array,
+    target: Tilted,
+    num_iterations: int,
+    *,
+    capacity: Optional[int] = None,
+    greedy: bool = False,
+    num_samples: int = 1000,
+    variant: str = "published",
+    twist=None,
+    widening_c: float = 1.0,
+    widening_alpha: float = 0.5,
+    uct_c: float = 1.0,
+    tree: Optional[Tree] = None,
+    on_full: str = "error",
+    chunk_size: Optional[int] = None,
+    progress: bool = False,
+) -> tuple[Particles, Tree]:
+    """Diffusion Tree Sampling (Jain et al. 2025): grow a search tree for ``num_iterations`` iterations and
+    draw samples from it. DTS* with ``greedy=True``.
+
+    Args:
+      key: PRNG key. Iteration k uses ``fold_in(key, k)``: pass the same key with ``tree=`` to resume.
+      target: ``pplalign.tilt(base, reward, beta)`` with a stochastic Sequential base (e.g. a DDPM sampler).
+      num_iterations: iterations to add (each: select, expand, roll out to x₀, back up).
+      capacity: node capacity of a new tree; default :func:`nodes_needed` (T + 1 nodes per iteration).
+      greedy: DTS* — UCT selection and one greedy output (argmax of the soft values at each level).
+      num_samples: samples drawn from the tree for the returned ``Particles`` (no model evaluations).
+      variant: ``"published"`` (Boltzmann selection on the tree's values) or ``"consistent"`` (growth that
+        never reads the values: Boltzmann on ``twist`` or uniform; unbiased values, consistent samples).
+      twist: ``twist(state, t) -> log ψ̃`` guiding the consistent variant's growth (e.g. the reward of the
+        denoised mean over β); ignored by the others.
+      widening_c, widening_alpha: progressive widening m_n < C·(N_n + 1)^α.
+      uct_c: DTS*'s exploration constant.
+      tree: a tree from an earlier call (or :func:`pplalign.search.load_tree`) to continue.
+      on_full: ``"error"`` refuses, before running, a capacity that could run out; ``"stop"`` runs anyway and
+        skips the iterations whose rollout would not fit (``tree.full`` tells).
+      chunk_size: iterations per compiled call (a progress-bar tick); the result does not depend on it.
+
+    Returns:
+      (Particles, Tree). ``Particles.samples`` are ``num_samples`` draws (equal weights) from the tree; for
+      DTS* one greedy sample. ``log_Z`` is the root's log Ŵ (β·log_Z estimates the optimal KL-regularised
+      value); ``nfe`` is the tree's total transition count. Raises ``ValueError`` if a reward was NaN/+inf.
+    """
+    _check_target(target)
+    config = DTSConfig(variant, bool(greedy), float(widening_c), float(widening_alpha), float(uct_c))
+    config.validate()
+    if isinstance(num_iterations, bool) or not isinstance(num_iterations, (int, np.integer)) or num_iterations < 0:
+        raise ValueError(f"num_iterations must be an int >= 0; got {num_iterations!r}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+        raise ValueError(f"num_samples must be an int >= 1; got {num_samples!r}")
+    if on_full not in ("error", "stop"):
+        raise ValueError(f"on_full must be 'error' or 'stop'; got {on_full!r}")
+    num_steps = target.num_steps
+    if tree is None:
+        check_stochastic(target, key)
+        cap = nodes_needed(num_steps, int(num_iterations)) if capacity is None else capacity
+        if isinstance(cap, bool) or not isinstance(cap, (int, np.integer)) or cap < num_steps + 2:
+            raise ValueError(f"capacity must be an int >= T + 2 = {num_steps + 2} (the root and one rollout); got {cap!r}")
+        tree = init(target, int(cap))
+    else:
+        _check_resumable(tree, target)
+    need = int(tree.num_nodes) + int(num_iterations) * (num_steps + 1)
+    if on_full == "error" and need > tree.capacity:
+        raise ValueError(
+            f"tree capacity {tree.capacity} is too small for {num_iterations} more iterations: the worst case "
+            f"needs {need} nodes ({int(tree.num_nodes)} used + {num_iterations}·(T + 1) with T = {num_steps}); "
+            "raise capacity, or pass on_full='stop' to stop growing when full"
+        )
+    tree = grow(key, tree, target, int(num_iterations), config, twist, chunk_size, progress)
+    if bool(tree.nonfinite):
+        name = getattr(target.reward, "__qualname__", None) or type(target.reward).__name__
+        raise ValueError(f"reward {name!r} (or the twist) returned NaN or +inf during the tree search; rewards must be finite or -inf")
+    particles = particles_from_tree(jax.random.split(key)[1], tree, target, num_samples, config.greedy)
+    return particles, tree
+
+
+def grow(key, tree, target, num_iterations: int, config: DTSConfig, twist=None, chunk_size=None, progress=False) -> Tree:
+    """Run iterations in compiled chunks (a progress bar per chunk when ``progress``)."""
+    chunk = num_iterations if not chunk_size else int(chunk_size)
+    done = 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_iterations, desc="DTS", leave=False)
+    while done < num_iterations:
+        n = min(chunk, num_iterations - done)
+        tree = run(key, tree, target, jnp.asarray(n, jnp.int32), config, twist)
+        done += n
+        if bar is not None:
+            bar.update(n)
+    if bar is not None:
+        bar.close()
+    return tree
+
+
+def particles_from_tree(key, tree: Tree, target: Tilted, num_samples: int, greedy: bool = False) -> Particles:
+    """Pack draws from a built tree (or DTS*'s greedy leaf) as :class:`~pplalign.Particles` (no NFE)."""
+    num_steps = target.num_steps
+    if greedy:
+        leaves = greedy_leaf(tree, num_steps)[None]
+    else:
+        leaves = sample_tree(key, tree, num_steps, num_samples)
+    n = leaves.shape[0]
+    samples = leaf_outputs(target, tree, leaves)
+    log_z = tree.log_value[ROOT]
+    return Particles(
+        samples=samples,
+        log_weights=jnp.zeros((n,), jnp.float32),
+        log_Z=log_z,
+        ess=jnp.full((num_steps,), float(n), jnp.float32),
+        ancestors=jnp.zeros((num_steps, n), jnp.int32),
+        nfe=tree.nfe,
+        nonfinite_reward=tree.nonfinite,
+        all_zero=~jnp.isfinite(log_z),
+    )
+
+
+def _check_resumable(tree: Tree, target: Tilted) -> None:
+    template = jax.eval_shape(target.base.init, jax.random.PRNGKey(0))
+    want = jax.tree_util.tree_map(lambda s: (s.shape, s.dtype), template)
+    have = jax.tree_util.tree_map(lambda buf: (buf.shape[1:], buf.dtype), tree.states)
+    if jax.tree_util.tree_structure(want) != jax.tree_util.tree_structure(have) or want != have:
+        raise ValueError("the tree's node states do not match the target's program state (a tree of another program?)")
+    levels = np.asarray(tree.level[: int(tree.num_nodes)])
+    if levels.size and levels.max() > target.num_steps + 1:
+        raise ValueError(f"the tree has nodes deeper than T + 1 = {target.num_steps + 1}: it was built for another num_steps")
