@@ -8,6 +8,7 @@ KL-regularised RL is variational inference (Korbak et al. 2022): max_q E_q[r] âˆ
 
 from .estimators import ESTIMATORS, estimate
 from .families import GaussianFamily, SequentialFamily, sample_program, sequence_log_prob
+from .fit import FitResult, NonFiniteLossError, fit
 from .objectives import (
     Objective,
     check_support,
@@ -23,6 +24,9 @@ from .objectives import (
 
 __all__ = [
     "ESTIMATORS",
+    "fit",
+    "FitResult",
+    "NonFiniteLossError",
     "estimate",
     "GaussianFamily",
     "SequentialFamily",
