@@ -1,6 +1,7 @@
 """pplalign: generation as Bayesian inference in reward-tilted targets σ ∝ p₀·exp(r/β)."""
 
 from . import distributed, metrics, resampling
+from .ancestral import ancestral_sample
 from .csmc import csmc
 from .distributed import particle_mesh
 from .particles import Particles
@@ -18,6 +19,7 @@ __all__ = [
     "csmc",
     "importance_sampling",
     "best_of_n",
+    "ancestral_sample",
     "multinomial",
     "stratified",
     "systematic",

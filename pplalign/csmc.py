@@ -35,6 +35,7 @@ def csmc(
     proposal=None,
     ess_threshold: float = 1.0,
     mesh=None,
+    optimal_proposal: bool = True,
 ) -> Particles:
     """SMC with particle 0 pinned to ``reference`` (a pytree whose leaves have leading axis T: the value of
     x_t drawn at every step). Same weights and twists as :func:`pplalign.smc`; returns :class:`Particles`
@@ -45,6 +46,15 @@ def csmc(
         if leaf.shape[:1] != (steps,):
             raise ValueError(f"reference leaves need leading axis T={steps}; got shape {leaf.shape}")
     result = _compiled(
-        key, target, num_particles, twist, proposal, resampling_lib.multinomial, float(ess_threshold), reference, mesh
+        key,
+        target,
+        num_particles,
+        twist,
+        proposal,
+        resampling_lib.multinomial,
+        float(ess_threshold),
+        reference,
+        mesh,
+        bool(optimal_proposal),
     )
     return raise_on_nonfinite(result, target.reward)

@@ -99,14 +99,14 @@ def reorder_states(base: Any, states: Any, ancestors: jax.Array, t: jax.Array) -
     return jax.tree_util.tree_map(lambda leaf: jnp.take(leaf, ancestors, axis=0), states)
 
 
-def _propose_one(target: Tilted, twist, proposal, key, state, log_psi_prev, t, last: bool, pinned):
+def _propose_one(target: Tilted, twist, proposal, key, state, log_psi_prev, t, last: bool, pinned, optimal=True):
     """Move one particle through step t; returns (new_state, log G_t, log ψ_t, nonfinite)."""
     base = target.base
     p = base.transition(state, t)
     q = proposal(state, t) if proposal is not None else None
     final_potential = lambda s: _sanitize(_check_scalar(target.log_potential(base.output(s)), "reward"))
 
-    if twist is not None and q is None and _is_categorical(p):
+    if optimal and twist is not None and q is None and _is_categorical(p):
         log_p = _categorical_log_probs(p)
         k = log_p.shape[-1]
         if hasattr(twist, "candidates"):
@@ -172,6 +172,7 @@ def step(
     last: bool = False,
     reference: Any = None,
     mesh=None,
+    optimal_proposal: bool = True,
 ) -> tuple[SMCState, StepInfo]:
     """One SMC step: propose and weight every particle, then resample if the ESS rule says so.
 
@@ -187,13 +188,13 @@ def step(
         pinned_flags = jnp.arange(n) == 0
         move = lambda k, s, lp, is_ref: jax.lax.cond(
             is_ref,
-            lambda: _propose_one(target, twist, proposal, k, s, lp, t, last, reference),
-            lambda: _propose_one(target, twist, proposal, k, s, lp, t, last, None),
+            lambda: _propose_one(target, twist, proposal, k, s, lp, t, last, reference, optimal_proposal),
+            lambda: _propose_one(target, twist, proposal, k, s, lp, t, last, None, optimal_proposal),
         )
         states, log_g, log_psi, bad = jax.vmap(move)(keys, smc_state.states, smc_state.log_psi, pinned_flags)
     else:
         states, log_g, log_psi, bad = jax.vmap(
-            lambda k, s, lp: _propose_one(target, twist, proposal, k, s, lp, t, last, pinned)
+            lambda k, s, lp: _propose_one(target, twist, proposal, k, s, lp, t, last, pinned, optimal_proposal)
         )(keys, smc_state.states, smc_state.log_psi)
     log_g, bad_g = _sanitize(log_g)
     nonfinite = smc_state.nonfinite | jnp.any(bad) | bad_g
@@ -240,12 +241,20 @@ def run_smc(
     ess_threshold: float = 0.5,
     reference: Any = None,
     mesh=None,
+    optimal_proposal: bool = True,
 ) -> Particles:
     """The compiled body shared by every sampler here: ``lax.scan`` over steps 0..T-2, then the final step."""
     num_steps = target.num_steps
     init_key, run_key = jax.random.split(key)
     state = init(init_key, target, num_particles, mesh)
-    opts = dict(twist=twist, proposal=proposal, resampling=resampling, ess_threshold=ess_threshold, mesh=mesh)
+    opts = dict(
+        twist=twist,
+        proposal=proposal,
+        resampling=resampling,
+        ess_threshold=ess_threshold,
+        mesh=mesh,
+        optimal_proposal=optimal_proposal,
+    )
 
     def body(carry, t):
         ref_t = None if reference is None else jax.tree_util.tree_map(lambda r: r[t], reference)
@@ -293,6 +302,7 @@ def smc(
     resampling: Callable = resampling_lib.systematic,
     ess_threshold: float = 0.5,
     mesh=None,
+    optimal_proposal: bool = True,
 ) -> Particles:
     """Sequential Monte Carlo on a tilted sequential program; compiled end to end.
 
@@ -307,12 +317,16 @@ def smc(
       ess_threshold: resample after step t when ESS < ess_threshold·N; 1 resamples every step, 0 never.
       mesh: an optional ``jax.sharding.Mesh`` (see :mod:`pplalign.distributed`) over which the particle
         axis is sharded; resampling is global across devices. N must be divisible by the device count.
+      optimal_proposal: with a twist and a finite-support step, propose from the locally optimal
+        q_t ∝ p₀·ψ_t (True) or from p₀ with the twist as a Feynman–Kac potential ψ_t/ψ_{t-1} (False).
 
     Returns:
       :class:`Particles`. Raises ``ValueError`` naming the reward if it returned NaN/+inf.
     """
     check_inputs(target, num_particles, ess_threshold, mesh)
-    result = _compiled_run(key, target, num_particles, twist, proposal, resampling, float(ess_threshold), None, mesh)
+    result = _compiled_run(
+        key, target, num_particles, twist, proposal, resampling, float(ess_threshold), None, mesh, bool(optimal_proposal)
+    )
     return raise_on_nonfinite(result, target.reward)
 
 
