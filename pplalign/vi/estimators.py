@@ -33,6 +33,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.extend.core import Literal
 
 __all__ = ["ESTIMATORS", "Estimate", "estimate", "check_estimator", "check_reparam_differentiable"]
 
@@ -64,9 +65,9 @@ def _depends_on_input(fn: Callable, x: jax.Array) -> bool:
     jaxpr = jax.make_jaxpr(lin)(x).jaxpr
     live = set(jaxpr.invars)
     for eqn in jaxpr.eqns:
-        if any((not isinstance(v, jax.core.Literal)) and v in live for v in eqn.invars):
+        if any((not isinstance(v, Literal)) and v in live for v in eqn.invars):
             live.update(eqn.outvars)
-    return any((not isinstance(v, jax.core.Literal)) and v in live for v in jaxpr.outvars)
+    return any((not isinstance(v, Literal)) and v in live for v in jaxpr.outvars)
 
 
 def check_reparam_differentiable(log_density_terms: dict[str, Callable], x: Any) -> None:

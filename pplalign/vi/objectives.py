@@ -183,7 +183,7 @@ def elbo(family: Any, target: Any, *, num_samples: int = 32, estimator: str = "r
             terms = target_terms(target, x)
             return _log_tilde(target, terms) - family.log_prob(p, x)
 
-        if estimator == "reparam" and not checked:
+        if estimator == "reparam" and not checked and hasattr(family, "rsample"):
             _check_reparam(target, jax.lax.stop_gradient(family.rsample(params, key, 1)))
             checked.append(True)
         e = est.estimate(f, family, params, key, num_samples, estimator)
