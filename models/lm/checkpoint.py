@@ -51,7 +51,7 @@ def flat_shapes(tree: Any) -> dict[str, tuple]:
 
 
 def _pure_params(model: nnx.Module) -> dict:
-    return nnx.state(model, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def save_model(path: str | Path, model: Transformer, tokenizer: Tokenizer) -> Path:
@@ -97,7 +97,7 @@ def load_params(model: nnx.Module, params_dir: str | Path) -> nnx.Module:
     target = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), _pure_params(model))
     restored = ckptr.restore(params_dir, target)
     state = nnx.state(model, nnx.Param)
-    state.replace_by_pure_dict(jax.tree_util.tree_map(jnp.asarray, restored))
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map(jnp.asarray, restored))
     nnx.update(model, state)
     return model
 

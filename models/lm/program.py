@@ -219,24 +219,34 @@ def vmap_prompts(fn: Callable[[jax.Array, LMProgram], Any], program: LMProgram, 
     return run(keys, prompts, program)
 
 
-def ancestral_sample(key: jax.Array, program: LMProgram, num: int) -> tuple[jax.Array, jax.Array]:
-    """Plain batched sampling from p₀: (tokens [num, T], log p₀ [num]). The baseline that SMC is timed against."""
-    return _ancestral_jit(key, program, num)
+def ancestral_sample(key: jax.Array, program: Any, num: int, *, greedy: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Plain batched sampling from p₀ (or greedy decoding): (tokens [num, T], log p₀ [num]).
+
+    Works for any program whose states carry next-token ``logits`` (an ``LMProgram`` or a wrapper whose
+    state has an ``lm`` field)."""
+    return _ancestral_jit(key, program, num, greedy)
 
 
-def _ancestral_impl(key, program, num):
+def _logits(states):
+    return states.lm.logits if hasattr(states, "lm") else states.logits
+
+
+def _ancestral_impl(key, program, num, greedy=False):
     states = jax.vmap(program.init)(jax.random.split(key, num))
 
     def body(carry, t):
         states, logp = carry
-        logits = states.logits
-        x = jax.random.categorical(jax.random.fold_in(key, t), logits).astype(jnp.int32)
+        logits = _logits(states)
+        if greedy:
+            x = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        else:
+            x = jax.random.categorical(jax.random.fold_in(key, t), logits).astype(jnp.int32)
         logp = logp + jnp.take_along_axis(jax.nn.log_softmax(logits), x[:, None], axis=1)[:, 0]
         states = jax.vmap(program.update, in_axes=(0, 0, None))(states, x, t)
         return (states, logp), None
 
     (states, logp), _ = jax.lax.scan(body, (states, jnp.zeros((num,), jnp.float32)), jnp.arange(program.num_steps))
-    return states.tokens, logp
+    return jax.vmap(program.output)(states), logp
 
 
-_ancestral_jit = jax.jit(_ancestral_impl, static_argnums=(2,))
+_ancestral_jit = jax.jit(_ancestral_impl, static_argnums=(2, 3))

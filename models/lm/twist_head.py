@@ -1,0 +1,88 @@
+"""A twist head: log ψ_t for every next token in one pass, read off the LM's final hidden state.
+
+For the prefix x_{<t} with final hidden state h_{t-1} (the state that also gives the next-token logits), the
+head returns the vector [log ψ_t(x_{<t}, k)]_k over the vocabulary — a linear map or a one-hidden-layer MLP of
+h (Zhao et al. 2024, §5: a twist head on the base model's representation). With it twisted SMC proposes from
+the locally optimal q_t(k) ∝ p₀(k | x_{<t}) ψ_t(x_{<t}, k) at the cost of one extra D×V product per particle:
+the network's forward pass is shared with the base model (the hidden state is already in the LM state).
+
+``HeadTwist`` adapts a head to ``pplalign.smc``: ``candidates(state, t)`` from the state *before* step t, and
+``__call__(state, t)`` (log ψ_t of the prefix ending at x_t, scored after ``update``) from the hidden state
+that predicted x_t. Finished sequences keep the twist value they had when ``<eos>`` was drawn, so a finished
+particle's incremental weight is 1.
+
+Training: :func:`head_arrays` fills the arrays of ``pplalign.twists`` losses (``log_psi``, ``cand_log_psi``,
+``log_p0``, ``mask``) for a batch of sequences with one forward pass of the LM and one of the head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .program import LMState
+from .tokenizer import EOS, PAD
+from .transformer import Transformer
+
+__all__ = ["TwistHead", "HeadTwist", "head_arrays"]
+
+
+class TwistHead(nnx.Module):
+    """h [.., D] → log ψ [.., V]. ``hidden=0``: linear; otherwise an MLP with one GELU layer.
+
+    The output layer starts at zero, so an untrained head is ψ ≡ 1 (twisted SMC = bootstrap SMC)."""
+
+    def __init__(self, d_model: int, vocab_size: int, *, hidden: int = 0, rngs: nnx.Rngs):
+        self.hidden_layer = nnx.Linear(d_model, hidden, rngs=rngs) if hidden else None
+        width = hidden or d_model
+        self.out = nnx.Linear(width, vocab_size, rngs=rngs, kernel_init=nnx.initializers.zeros)
+
+    def features(self, h):
+        return jax.nn.gelu(self.hidden_layer(h)) if self.hidden_layer is not None else h
+
+    def __call__(self, h):
+        return self.out(self.features(h))
+
+    def score(self, h, token):
+        """log ψ for one token: a dot product, not the full vocabulary."""
+        f = self.features(h)
+        return f @ self.out.kernel[:, token] + self.out.bias[token]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class HeadTwist:
+    """A :class:`TwistHead` as a pplalign twist over an ``LMProgram``'s states."""
+
+    head: TwistHead
+
+    def candidates(self, state: LMState, t) -> jax.Array:
+        frozen = self.head.score(state.prev_hidden, jnp.maximum(state.last, 0))
+        return jnp.where(state.done, frozen, self.head(state.hidden))
+
+    def __call__(self, state: LMState, t) -> jax.Array:
+        return self.head.score(state.prev_hidden, jnp.maximum(state.last, 0))
+
+
+def head_arrays(model: Transformer, head: TwistHead, prompt: jax.Array, tokens: jax.Array):
+    """Arrays for ``pplalign.twists`` losses from one forward pass over prompt + continuation.
+
+    Args: prompt [P] ids (``<bos>`` first, no padding), tokens [B, T] continuations (``<pad>`` after ``<eos>``).
+    Returns: (log_psi [B, T], cand_log_psi [B, T, V], log_p0 [B, T, V], mask [B, T]); ``log_p0`` is
+    stop-gradiented (the base model is frozen)."""
+    b, steps = tokens.shape
+    p = prompt.shape[0]
+    full = jnp.concatenate([jnp.broadcast_to(prompt, (b, p)), tokens], axis=1)
+    logits, hidden = model(full)
+    h = jax.lax.stop_gradient(hidden[:, p - 1: p - 1 + steps])  # the state predicting x_t
+    log_p0 = jax.lax.stop_gradient(jax.nn.log_softmax(logits[:, p - 1: p - 1 + steps], axis=-1))
+    cand = head(h)
+    log_psi = jnp.take_along_axis(cand, tokens[..., None], axis=-1)[..., 0]
+    # step t exists if no <eos> was drawn before it
+    ended = jnp.cumsum(tokens == EOS, axis=1) - (tokens == EOS)
+    mask = (ended == 0).astype(jnp.float32)
+    return log_psi, cand, log_p0, mask
