@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 
+from .diffusion.schedule import alpha_bars_of, vp_betas
+
 __all__ = [
     "GMMState",
     "GMMDiffusion",
@@ -51,24 +53,6 @@ __all__ = [
     "ring_mixture",
     "two_mode_problem",
 ]
-
-
-def vp_betas(num_steps: int, beta_min: float = 0.1, beta_max: float = 20.0) -> jax.Array:
-    """Discretised VP schedule (Song et al. 2021): β_s = 1 − exp(−∫ β(u) du over ((s−1)/T, s/T]) with
-    β(u) = β_min + u (β_max − β_min). Stays in (0, 1) for any T; ᾱ_T = exp(−(β_min + β_max)/2)."""
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be an int >= 1; got {num_steps!r}")
-    if not 0 < beta_min <= beta_max:
-        raise ValueError(f"need 0 < beta_min <= beta_max; got {beta_min}, {beta_max}")
-    u = np.arange(num_steps + 1, dtype=np.float64) / num_steps
-    integral = beta_min * u + 0.5 * (beta_max - beta_min) * u**2
-    return jnp.asarray(-np.expm1(-np.diff(integral)), jnp.float32)
-
-
-def alpha_bars_of(betas) -> jax.Array:
-    """[T+1] ᾱ_0 = 1, ᾱ_s = ∏_{u≤s}(1 − β_u), computed in float64 on the host."""
-    ab = np.cumprod(1.0 - np.asarray(betas, np.float64))
-    return jnp.asarray(np.concatenate([[1.0], ab]), jnp.float32)
 
 
 class GMMState(NamedTuple):
@@ -234,6 +218,20 @@ class GMMDiffusion:
     def output(self, state: GMMState) -> jax.Array:
         return state.x
 
+    # --- what potentials and guidance read (pplalign.potentials / pplalign.guidance) ------------------
+    def denoised(self, state: GMMState) -> jax.Array:
+        """E[x_0 | x_s] of the state (closed form; no network)."""
+        return self.denoise(state.x, state.time)
+
+    def reverse_moments(self, state: GMMState, t) -> tuple[jax.Array, jax.Array]:
+        """Mean E[x_{s−1} | x_s] and the per-coordinate variance of the exact reverse kernel (its isotropic
+        moment match), the Gaussian that guided proposals shift."""
+        logits, m, v = self.reverse_kernel(state.x, state.time)
+        w = jax.nn.softmax(logits)
+        mean = jnp.sum(w[:, None] * m, axis=0)
+        second = jnp.sum(w * (v + jnp.sum(m * m, axis=-1) / self.dim))
+        return mean, second - jnp.sum(mean * mean) / self.dim
+
     # --- the tilted target --------------------------------------------------------------------------
     def exact_tilted_target(self, center, gamma, beta) -> TiltedMixture:
         """p_data(x)·exp(−γ‖x − c‖²/β)/Z in closed form (weights, means, variances) and log Z."""
@@ -268,6 +266,10 @@ class GMMDenoiser:
     """``denoiser(x, s) = E[x_0 | x_s = x]`` of a :class:`GMMDiffusion` (the optimal denoiser)."""
 
     model: GMMDiffusion
+
+    @property
+    def event_shape(self) -> tuple:
+        return (self.model.dim,)
 
     def __call__(self, x, s) -> jax.Array:
         return self.model.denoise(x, s)
@@ -308,6 +310,10 @@ class SoftValueTwist:
     def at(self, x, s) -> jax.Array:
         """log ψ_s(x) by diffusion time."""
         return self.model.log_soft_value(x, s, self.reward, self.beta)
+
+    def log_psi_at(self, x, s, t) -> jax.Array:
+        """The guidance interface of pplalign.guidance (the step index t is not needed)."""
+        return self.at(x, s)
 
 
 def ring_mixture(num_components: int = 8, radius: float = 4.0, std: float = 0.5, num_steps: int = 100, betas=None):
