@@ -35,8 +35,7 @@ times 1 (RWMH, MALA) or ``num_leapfrog`` (HMC).
 
 from __future__ import annotations
 
-import math
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp

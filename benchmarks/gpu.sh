@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Run every benchmarks/*.py that exists at run time, at GPU sizes, and print one table of their results.
+#
+#   bash benchmarks/gpu.sh                 # on the GPU machine, from anywhere
+#   BENCH_TIMEOUT=120 bash benchmarks/gpu.sh
+#
+# Each benchmark prints ONE JSON line last; this script keeps that line, writes all of them to
+# ${OUT:-results/gpu}/gpu_bench.jsonl (plus each log), and prints a table (name, status, seconds, the JSON's
+# scalar fields). Benchmarks without GPU sizes below run with their defaults; missing ones are skipped; a
+# failing or timed-out one is reported and the rest still run. Python: $PYTHON, else .venv/bin/python if
+# present, else python3. On a bare GPU image, carry genjax and blackjax as wheels (see docs) — without
+# them peer_tempered reports only the peers it can import.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if [[ -n "${PYTHON:-}" ]]; then PY="$PYTHON"; elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+DEST="${OUT:-results/gpu}"
+mkdir -p "$DEST"
+: > "$DEST/gpu_bench.jsonl"
+TIMEOUT="${BENCH_TIMEOUT:-150}"
+
+# GPU sizes per benchmark (module name -> arguments). Unknown benchmarks run with their defaults.
+gpu_args() {
+  case "$1" in
+    peer_tempered)   echo "--dim 50 --particles 65536 --repeats 5 --mcmc-steps 2 --leapfrog 5" ;;
+    smc_overhead)    echo "--vocab 1024 --steps 128 --particles 16384 --repeats 5" ;;
+    lm_smc_overhead) echo "--num-particles 1024 --steps 128 --d-model 512 --layers 6 --heads 8 --repeats 3" ;;
+    compile_time)    echo "--steps 16 64 256 1024 --particles 4096" ;;
+    *)               echo "" ;;
+  esac
+}
+
+"$PY" -c "import jax; print('jax', jax.__version__, 'backend', jax.default_backend(), jax.devices())" || exit 1
+declare -a ROWS=()
+for file in benchmarks/*.py; do
+  [[ -e "$file" ]] || continue
+  name="$(basename "$file" .py)"
+  [[ "$name" == _* ]] && continue
+  args="$(gpu_args "$name")"
+  echo "=== $name $args"
+  start=$SECONDS
+  # shellcheck disable=SC2086
+  timeout "$TIMEOUT" "$PY" -m "benchmarks.$name" $args > "$DEST/$name.log" 2>&1
+  rc=$?
+  secs=$((SECONDS - start))
+  tail -n 3 "$DEST/$name.log"
+  last="$(tail -n 1 "$DEST/$name.log")"
+  if [[ $rc -eq 0 && "$last" == \{* ]]; then
+    status=ok
+    echo "$last" >> "$DEST/gpu_bench.jsonl"
+  elif [[ $rc -eq 124 ]]; then status="timeout(${TIMEOUT}s)"; last="{}"
+  else status="failed(rc=$rc)"; last="{}"
+  fi
+  ROWS+=("$name|$status|$secs|$last")
+done
+
+echo
+"$PY" - "${ROWS[@]}" <<'PY'
+import json, sys
+rows = [r.split("|", 3) for r in sys.argv[1:]]
+print(f"{'benchmark':18s} {'status':16s} {'wall s':>7s}  results")
+for name, status, secs, js in rows:
+    try:
+        data = json.loads(js)
+    except json.JSONDecodeError:
+        data = {}
+    fields = ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in data.items()
+        if isinstance(v, (int, float, str)) and k not in ("benchmark",)
+    )
+    print(f"{name:18s} {status:16s} {secs:>7s}  {fields}")
+PY
