@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
 
-from ..programs import tilt
+from ..programs import Tilted
 from ..smc import smc
 
 __all__ = ["GeometricMix", "PairedState", "WithTuned", "MixTwist", "guided_smc", "mixed_law"]
@@ -133,8 +133,11 @@ def guided_smc(key: jax.Array, base: Any, tuned: Any, reward: Any, beta: float, 
     """SMC toward σ_{β/w} ∝ p₀·exp(w·r/β) with the RL-guidance mix m_w as proposal (exact as N → ∞)."""
     if not w > 0:
         raise ValueError(f"guidance weight w must be > 0 (σ at β/w); got {w}")
+    if not (isinstance(beta, jax.core.Tracer) or float(beta) > 0):
+        raise ValueError(f"beta must be > 0; got {beta}")
     paired = WithTuned(base, tuned)
-    target = tilt(paired, reward, beta / w)
+    # Tilted directly: pplalign.tilt's β check calls float() on jnp.asarray(β), which fails under a caller's jit
+    target = Tilted(paired, reward, beta / w)
     return smc(key, target, num_particles, twist=MixTwist(paired, w), **smc_kwargs)
 
 
