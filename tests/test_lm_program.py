@@ -79,7 +79,7 @@ def test_bad_inputs(model):
         LMProgram.from_prompt(model, "a b", 4)
 
 
-def _exact_log_z(model, program, reward, steps):
+def _exact_log_z(model, program, reward, steps, prompt):
     """log Σ_x p₀(x) exp(r(x)) over every canonical sequence (<pad> after the first <eos>)."""
     words = [EOS] + list(range(3, CFG.vocab_size))
     seqs = set()
@@ -90,9 +90,9 @@ def _exact_log_z(model, program, reward, steps):
             seq = seq[: k + 1] + [PAD] * (steps - k - 1)
         seqs.add(tuple(seq))
     seqs = np.asarray(sorted(seqs), np.int32)
-    full = np.concatenate([np.tile(PROMPT, (len(seqs), 1)), seqs], axis=1)
+    full = np.concatenate([np.tile(prompt, (len(seqs), 1)), seqs], axis=1)
     logits, _ = model(jnp.asarray(full))
-    logp = jax.nn.log_softmax(logits[:, len(PROMPT) - 1:-1] + program.logit_mask, axis=-1)
+    logp = jax.nn.log_softmax(logits[:, len(prompt) - 1:-1] + program.logit_mask, axis=-1)
     step_lp = jnp.take_along_axis(logp, jnp.asarray(seqs)[..., None], axis=-1)[..., 0]
     alive = np.cumsum(seqs == EOS, axis=1) - (seqs == EOS) == 0
     log_p0 = jnp.sum(jnp.where(alive, step_lp, 0.0), axis=1)
@@ -110,7 +110,7 @@ def test_smc_on_the_lm_estimates_the_exact_log_z(model):
         program = LMProgram.from_prompt(lm, [BOS, 4], steps, bucket=2)
         scores = TokenScores(0.7 * jax.random.normal(jax.random.key(5), (small.vocab_size,)))
         target = pplalign.tilt(program, scores, 1.0)
-        exact = _exact_log_z(lm, program, scores, steps)
+        exact = _exact_log_z(lm, program, scores, steps, [BOS, 4])
         n, seeds = 256, 8
         for kw in (dict(twist=scores, proposal=program.transition, ess_threshold=0.5), dict(twist=scores, ess_threshold=0.5), {}):
             est = np.asarray([pplalign.smc(jax.random.key(s), target, n, **kw).log_Z for s in range(seeds)])

@@ -86,3 +86,58 @@ def head_arrays(model: Transformer, head: TwistHead, prompt: jax.Array, tokens: 
     ended = jnp.cumsum(tokens == EOS, axis=1) - (tokens == EOS)
     mask = (ended == 0).astype(jnp.float32)
     return log_psi, cand, log_p0, mask
+
+
+def head_loss(method: str, model: Transformer, head: TwistHead, prompt: jax.Array, tokens: jax.Array,
+              log_phi: jax.Array) -> jax.Array:
+    """One twist-learning loss of ``pplalign.twists`` on a batch of p₀ samples ``tokens`` [B, T].
+
+    σ-samples are the same p₀ samples self-normalised by exp(log φ) (importance weights p₀φ/p₀): CTL's
+    positives, SIXO's positives, DPG's weighted samples; CTL's and SIXO's negatives are the p₀ samples.
+    ``method`` ∈ {"ctl", "sixo", "dpg", "soft_rl", "fudge"}."""
+    from pplalign import twists
+
+    log_psi, cand, log_p0, mask = head_arrays(model, head, prompt, tokens)
+    if method == "ctl":
+        return twists.ctl_loss(log_psi, log_psi, jnp.zeros_like(log_psi), pos_log_weights=log_phi, pos_mask=mask, neg_mask=mask)
+    if method == "sixo":
+        return twists.sixo_loss(log_psi, log_psi, pos_log_weights=log_phi, pos_mask=mask, neg_mask=mask)
+    if method == "dpg":
+        return twists.dpg_loss(cand, log_p0, tokens, log_weights=log_phi, mask=mask)
+    if method == "soft_rl":
+        return twists.soft_rl_loss(log_psi, cand, log_p0, log_phi, mask=mask)
+    if method == "fudge":
+        return twists.fudge_loss(log_psi, log_phi, mask=mask)
+    raise ValueError(f"unknown twist loss {method!r}; choose ctl, sixo, dpg, soft_rl or fudge")
+
+
+def fit_head(key: jax.Array, program, head: TwistHead, reward, beta: float, *, method: str = "dpg",
+             steps: int = 100, batch: int = 64, lr: float = 1e-2, progress: bool = False):
+    """Train ``head`` (the LM frozen) on fresh p₀ samples each step; returns (head, losses [steps]).
+
+    Args: program — an ``LMProgram`` with one prompt; reward — r(tokens [T]); beta — the tilt temperature."""
+    import numpy as np
+    import optax
+    from tqdm.auto import tqdm
+
+    from .program import ancestral_sample
+
+    prompt = program.prompt.tokens[: int(program.prompt.length)]
+    graphdef, params = nnx.split(head, nnx.Param)
+    opt = optax.adam(lr)
+    opt_state = opt.init(params)
+
+    @jax.jit
+    def update(params, opt_state, tokens):
+        log_phi = jax.vmap(reward)(tokens) / beta
+        loss_fn = lambda p: head_loss(method, program.model, nnx.merge(graphdef, p), prompt, tokens, log_phi)
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    losses = []
+    for k in tqdm(range(steps), desc=f"twist head ({method})", disable=not progress):
+        tokens, _ = ancestral_sample(jax.random.fold_in(key, k), program, batch)
+        params, opt_state, loss = update(params, opt_state, tokens)
+        losses.append(float(loss))
+    return nnx.merge(graphdef, params), np.asarray(losses)
