@@ -8,7 +8,8 @@ that resume: an interrupted run restarts from its last checkpoint and, because t
     python -m models.diffusion.train classifier      # digit classifier (reward log p(c|x), FD features)
 
 The denoiser loss is the ε-prediction objective E‖ε − ε̂(√ᾱ_s x_0 + √(1−ᾱ_s) ε, s, c)‖² with s uniform on
-1..T (Ho et al. 2020); the label is dropped to the null class with probability 0.1 (Ho & Salimans 2022).
+1..T (Ho et al. 2020); the label is dropped to the null class with probability ``label_drop`` (0.3 for digits)
+so that one network is both the conditional and the unconditional model (Ho & Salimans 2022).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ CONFIGS: dict[str, dict] = {
                  total_steps=100, steps=3000, batch=512, lr=2e-3, file="ring8_mlp.npz"),
     "checkerboard": dict(kind="denoiser", data="checkerboard", dim=2, hidden=128, depth=3, time_dim=32,
                          num_classes=0, total_steps=100, steps=3000, batch=512, lr=2e-3, file="checkerboard_mlp.npz"),
-    "digits": dict(kind="denoiser", data="digits", dim=64, hidden=256, depth=3, time_dim=64, num_classes=10,
-                   total_steps=100, steps=4000, batch=256, lr=1e-3, file="digits_mlp.npz"),
+    "digits": dict(kind="denoiser", data="digits", dim=64, hidden=256, depth=4, time_dim=64, num_classes=10,
+                   label_drop=0.3, total_steps=100, steps=8000, batch=256, lr=1e-3, file="digits_mlp.npz"),
     "classifier": dict(kind="classifier", data="digits", dim=64, hidden=128, depth=2, num_classes=10,
                        steps=1500, batch=256, lr=2e-3, noise=0.2, file="digits_classifier.npz"),
 }
@@ -94,12 +95,14 @@ def fit(
     chunk: int = 50,
     seed: int = 0,
     desc: str = "train",
+    stop_after: int | None = None,
 ) -> tuple[nnx.Module, list[float]]:
     """Adam with cosine decay on ``loss_fn(module, key)`` for ``config['steps']`` steps.
 
     ``checkpoint``: an npz holding params, optimiser state, step and config, written every ``save_every``
     steps; if it exists with the same config the run resumes from it (a different config raises).
-    Steps run ``chunk`` at a time inside one compiled ``lax.scan``.
+    Steps run ``chunk`` at a time inside one compiled ``lax.scan``. ``stop_after`` ends the run early at that
+    step, as an interruption would (after saving), for tests of resumption.
     """
     steps = int(config["steps"])
     graphdef, params = nnx.split(module)
@@ -138,14 +141,15 @@ def fit(
 
     with tqdm(total=steps, initial=start, desc=desc, leave=False) as bar:
         step = start
-        while step < steps:
-            n = min(chunk, steps - step)
+        end = steps if stop_after is None else min(steps, int(stop_after))
+        while step < end:
+            n = min(chunk, end - step)
             (params, opt_state), chunk_losses = run_chunk((params, opt_state), jnp.arange(step, step + n))
             losses.extend(np.asarray(chunk_losses).tolist())
             step += n
             bar.update(n)
             bar.set_postfix(loss=f"{float(np.mean(losses[-n:])):.4f}")
-            if step % save_every < n or step == steps:
+            if step % save_every < n or step == end:
                 save(step)
     return nnx.merge(graphdef, params), losses
 
@@ -204,7 +208,7 @@ def train(name: str, out_dir: str | os.PathLike = CHECKPOINT_DIR, work_dir: str 
 
             draw = ring_sampler() if config["data"] == "ring" else checkerboard_sampler()
             sample_batch = lambda key, n: (draw(key, n), None)
-        loss = denoiser_loss(sample_batch, alpha_bars, config["batch"])
+        loss = denoiser_loss(sample_batch, alpha_bars, config["batch"], config.get("label_drop", 0.1))
     else:
         (xtr, ytr), _ = _digits_split()
         xtr, ytr = jnp.asarray(xtr), jnp.asarray(ytr)
