@@ -20,7 +20,7 @@ log-mean-exp of the final carried weights. Ẑ is unbiased for Z for any ESS rul
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ import numpyro.distributions as dist
 
 from . import resampling as resampling_lib
 from ._filter_jit import filter_jit
-from .distributed import constrain_particles, check_mesh
+from .distributed import check_mesh, constrain_particles
 from .particles import Particles, raise_on_nonfinite
 from .programs import Tilted, is_sequential, validate_beta
 
