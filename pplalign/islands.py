@@ -72,6 +72,12 @@ def _check_target(target: Any, sampler: Optional[str], num_particles: Any, kwarg
         from .static import check_static_inputs
 
         check_static_inputs(target, num_particles)
+        if sampler in (None, "tempered"):
+            from .tempered import _check
+
+            get = kwargs.get
+            _check(target, num_particles, get("ess_target", 0.5), get("mcmc", "rwmh"), get("num_mcmc_steps", 5),
+                   get("num_leapfrog", 5), get("max_stages", 50), get("schedule"), None)
     _runner(target, sampler)
 
 
