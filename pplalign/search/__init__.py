@@ -2,7 +2,20 @@
 fixed-capacity array tree (:mod:`.tree`), compiled per iteration, vmappable and resumable."""
 
 from .checkpoint import load_tree, save_tree
-from .dts import DTSConfig, check_stochastic, dts, grow, init, nodes_needed, particles_from_tree, run, sample_tree, step
+from .dts import (
+    DTSConfig,
+    check_stochastic,
+    dts,
+    grow,
+    init,
+    nodes_needed,
+    particles_from_tree,
+    run,
+    run_loop,
+    sample_leaves,
+    sample_tree,
+    step,
+)
 from .tree import Tree
 
 __all__ = [
@@ -12,6 +25,8 @@ __all__ = [
     "init",
     "step",
     "run",
+    "run_loop",
+    "sample_leaves",
     "grow",
     "sample_tree",
     "particles_from_tree",

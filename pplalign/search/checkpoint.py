@@ -22,7 +22,7 @@ __all__ = ["save_tree", "load_tree", "fingerprint"]
 def fingerprint(config: DTSConfig, target: Any, capacity: int) -> dict:
     """What must agree between a checkpoint and the run that resumes it."""
     template = jax.eval_shape(target.base.init, jax.random.PRNGKey(0))
-    leaves = [(list(s.shape), str(s.dtype)) for s in jax.tree_util.tree_leaves(template)]
+    leaves = [[list(s.shape), str(s.dtype)] for s in jax.tree_util.tree_leaves(template)]
     return {
         "config": dataclasses.asdict(config),
         "num_steps": int(target.num_steps),

@@ -501,3 +501,8 @@ def _check_resumable(tree: Tree, target: Tilted) -> None:
     levels = np.asarray(tree.level[: int(tree.num_nodes)])
     if levels.size and levels.max() > target.num_steps + 1:
         raise ValueError(f"the tree has nodes deeper than T + 1 = {target.num_steps + 1}: it was built for another num_steps")
+
+
+# Raw (un-jitted) forms for callers that compose them under their own jit/vmap (many prompts, many seeds).
+run_loop = _run
+sample_leaves = _sample_leaves

@@ -1,0 +1,359 @@
+"""Issue 6, experiment (a): DTS against importance sampling and FK-SMC on the exact Gaussian-mixture diffusion.
+
+Testbed (``models.gmm_diffusion.two_mode_problem``): an 8-component ring mixture (radius 6, std 0.5) under a
+T-step VP diffusion, reward r(x) = −γ‖x − c‖² with c midway between components 0 and 1, β = 0.5: the tilted
+target σ ∝ p_data·exp(r/β) has two modes of mass ½ each and log Z ≈ −7.6 (sharp: IS's weights are peaked).
+Everything is exact: σ's samples, log Z, and the soft value log ψ_s(x) = log E[exp(r(x_0)/β) | x_s].
+
+Methods, at equal NFE (transition evaluations):
+  is            importance sampling from p₀ (best-of-N's distributional counterpart);
+  fk_smc        pplalign.smc with the FK potential ψ_t = exp(r(E[x_0|x_t])/β) (reward of the denoised mean;
+                the last potential is the reward itself, so the target stays exact);
+  smc_oracle    pplalign.smc with the exact soft value as twist (bootstrap proposal);
+  dts           DTS as published (Boltzmann selection on tree values, progressive widening);
+  dts_consistent     DTS whose growth never reads the values (uniform selection);
+  dts_consistent_fk  the same guided by the FK potential (Boltzmann on r(E[x_0|x_c])/β).
+Each method returns ``n_eval`` equally weighted samples (IS/SMC: multinomial resampling of the weighted
+particles; DTS: draws from the tree, no NFE); metrics: energy distance to ``n_eval`` exact samples (the floor is
+the energy distance between two exact sets of that size), the TV between mode (component) weights, and
+E‖x − c‖². A DTS tree is grown once per seed and read at every budget (it is anytime).
+
+Prints one JSON line last: nfe_ratio_vs_is, nfe_ratio_vs_smc, floor_ratio, tilt_bias (see the issue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import pplalign
+from pplalign import metrics
+from pplalign import search
+from pplalign.search import DTSConfig
+
+from models.gmm_diffusion import two_mode_problem
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DenoisedRewardTwist:
+    """FK-steering potential log ψ_t = r(E[x_0 | x_t])/β: the reward of the denoised mean (Singhal et al. 2025)."""
+
+    model: object
+    reward: object
+    beta: jax.Array
+
+    def __call__(self, state, t):
+        return self.reward(self.model.denoise(state.x, state.time)) / self.beta
+
+
+def build(num_steps: int):
+    model, reward, beta = two_mode_problem(num_steps=num_steps, radius=6.0, std=0.5, gamma=1.0, beta=0.5)
+    target = pplalign.tilt(model, reward, beta)
+    exact = model.exact_tilted_target(reward.center, reward.gamma, beta)
+    return model, reward, beta, target, exact
+
+
+def mode_tv(x, exact) -> float:
+    """TV between the exact component weights of σ and the empirical weights of the samples' most likely
+    component under σ."""
+    x = jnp.asarray(x)
+    d = x.shape[-1]
+    sq = jnp.sum((x[:, None, :] - exact.means[None]) ** 2, -1)
+    logp = exact.log_weights - 0.5 * d * jnp.log(exact.variances) - 0.5 * sq / exact.variances
+    labels = jnp.argmax(logp, axis=-1)
+    emp = jnp.zeros(exact.log_weights.shape[0]).at[labels].add(1.0 / x.shape[0])
+    return float(metrics.tv_distance(emp, jnp.exp(exact.log_weights)))
+
+
+def evaluate(x, x_exact, exact, center) -> dict:
+    x = np.asarray(x)
+    return {
+        "energy": float(metrics.energy_distance(x, x_exact)),
+        "mode_tv": mode_tv(x, exact),
+        "sq_dist": float(np.mean(np.sum((x - np.asarray(center)) ** 2, -1))),
+    }
+
+
+def resample(key, p, n):
+    idx = jax.random.categorical(key, p.log_weights, shape=(n,))
+    return np.asarray(p.samples)[np.asarray(idx)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DTS grown once per seed (vmapped over seeds) and read at every budget
+# ---------------------------------------------------------------------------------------------------------
+
+
+def grow_dts(target, config, twist, keys, budgets, capacity, n_eval, x_exact_sets, exact, center, progress=True):
+    """Grow one tree per key (vmapped) until every budget is passed; evaluate samples at each budget."""
+    num_steps = target.num_steps
+    num_seeds = keys.shape[0]
+    tree0 = search.init(target, capacity)
+    trees = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (num_seeds,) + a.shape), tree0)
+    run = jax.jit(jax.vmap(lambda k, tr, n: search.run_loop(k, tr, target, n, config, twist), in_axes=(0, 0, None)))
+    sample = jax.jit(
+        jax.vmap(lambda k, tr: search.sample_leaves(k, tr, num_steps, n_eval, False)), donate_argnums=()
+    )
+    rows = []
+    rate = float(num_steps) / 2.0  # NFE per iteration, refined as we go
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=int(budgets[-1]), desc=f"DTS {config.variant}{'+twist' if twist is not None else ''}", leave=False)
+    iters = 0
+    for budget in budgets:
+        while True:
+            nfe = np.asarray(trees.nfe)
+            if nfe.min() >= budget or bool(np.asarray(trees.full).any()):
+                break
+            chunk = int(np.clip((budget - nfe.min()) / rate, 20, 50_000))
+            trees = run(keys, trees, jnp.asarray(chunk, jnp.int32))
+            new = np.asarray(trees.nfe)
+            iters += chunk
+            rate = max(1.0, float(new.mean()) / iters)
+            if bar is not None:
+                bar.n = int(min(new.min(), budgets[-1]))
+                bar.refresh()
+        leaves = sample(jax.vmap(lambda k: jax.random.fold_in(k, 7))(keys), trees)
+        xs = np.asarray(jax.vmap(lambda tr, lv: tr.states.x[lv])(trees, leaves))
+        for s in range(num_seeds):
+            row = evaluate(xs[s], x_exact_sets[s], exact, center)
+            row.update(nfe=int(np.asarray(trees.nfe)[s]), seed=s, budget=int(budget), log_Z=float(np.asarray(trees.log_value)[s, 0]))
+            rows.append(row)
+    if bar is not None:
+        bar.close()
+    return rows, trees
+
+
+def value_errors(model, reward, beta, trees, num_steps: int, seed: int = 0) -> dict:
+    """Bias and spread of the tree's log Ŵ against the exact log ψ_s(x) at each level (seed ``seed``'s tree),
+    over all nodes and over well-visited nodes (≥ 50 visits); also the Z-scale ratio mean Ŵ/ψ."""
+    tree = jax.tree_util.tree_map(lambda a: a[seed], trees)
+    n = int(tree.num_nodes)
+    level = np.asarray(tree.level[:n])
+    visits = np.asarray(tree.visits[:n])
+    logw = np.asarray(tree.log_value[:n])
+    x = tree.states.x[:n]
+    s = tree.states.time[:n]
+    exact = np.asarray(jax.jit(jax.vmap(lambda xx, ss: model.log_soft_value(xx, ss, reward, beta)))(x, s))
+    out = {}
+    for lv in sorted(set(level.tolist())):
+        if lv < 1 or lv > num_steps:
+            continue
+        for tag, mask in (("all", level == lv), ("visited50", (level == lv) & (visits >= 50))):
+            if mask.sum() < 2:
+                continue
+            diff = logw[mask] - exact[mask]
+            diff = diff[np.isfinite(diff)]
+            if diff.size < 2:
+                continue
+            out.setdefault(tag, {})[int(lv)] = {
+                "count": int(diff.size),
+                "bias_log": float(diff.mean()),
+                "std_log": float(diff.std()),
+                "z_ratio_minus_1": float(np.exp(diff).mean() - 1.0),
+            }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def first_match(rows, method, reference: float):
+    """Smallest NFE at which ``method``'s mean energy distance is ≤ ``reference`` (log-linear interpolation
+    between budgets); None if never."""
+    pts = summarise(rows)[method]
+    prev = None
+    for nfe, e in pts:
+        if e <= reference:
+            if prev is None:
+                return nfe
+            (n0, e0) = prev
+            # interpolate log NFE linearly in log energy
+            f = (math.log(reference) - math.log(e0)) / (math.log(e) - math.log(e0)) if e != e0 else 1.0
+            return float(math.exp(math.log(n0) + f * (math.log(nfe) - math.log(n0))))
+        prev = (nfe, e)
+    return None
+
+
+def summarise(rows):
+    out = {}
+    for method in sorted({r["method"] for r in rows}):
+        budgets = sorted({r["budget"] for r in rows if r["method"] == method})
+        pts = []
+        for b in budgets:
+            rs = [r for r in rows if r["method"] == method and r["budget"] == b]
+            pts.append((float(np.mean([r["nfe"] for r in rs])), float(np.mean([r["energy"] for r in rs]))))
+        out[method] = pts
+    return out
+
+
+def mean_at(rows, method, budget, key):
+    rs = [r[key] for r in rows if r["method"] == method and r["budget"] == budget]
+    return float(np.mean(rs)) if rs else float("nan")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default="results/dts_gmm")
+    ap.add_argument("--seeds", type=int, default=None)
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    t_start = time.time()
+
+    if args.quick:  # CI: tiny, just exercises every code path
+        num_steps, n_eval, seeds = 10, 200, args.seeds or 1
+        budgets = [1_000, 3_000]
+        smc_budgets = budgets
+        ref_budget = 1_000
+    else:
+        num_steps, n_eval, seeds = 20, 1000, args.seeds or 2
+        budgets = [1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000]
+        smc_budgets = [1_000, 10_000, 100_000, 1_000_000]  # each N compiles anew: keep the grid coarse
+        ref_budget = 100_000
+    model, reward, beta, target, exact = build(num_steps)
+    center = np.asarray(reward.center)
+    key = jax.random.PRNGKey(2025)
+    k_exact, k_is, k_smc, k_dts = jax.random.split(key, 4)
+
+    x_exact = [np.asarray(model.sample_tilted(jax.random.fold_in(k_exact, 2 * s), n_eval, reward.center, reward.gamma, beta)) for s in range(seeds)]
+    x_exact2 = [np.asarray(model.sample_tilted(jax.random.fold_in(k_exact, 2 * s + 1), n_eval, reward.center, reward.gamma, beta)) for s in range(seeds)]
+    floor = float(np.mean([metrics.energy_distance(a, b) for a, b in zip(x_exact, x_exact2)]))
+    exact_sq = float(np.sum(np.exp(exact.log_weights) * (np.sum((np.asarray(exact.means) - center) ** 2, -1) + 2 * np.asarray(exact.variances))))
+
+    rows = []
+    fk = DenoisedRewardTwist(model, reward, jnp.float32(beta))
+    oracle = model.soft_value_twist(reward, beta)
+    smc_methods = {
+        "is": lambda k, n: pplalign.importance_sampling(k, target, n),
+        "fk_smc": lambda k, n: pplalign.smc(k, target, n, twist=fk),
+        "smc_oracle": lambda k, n: pplalign.smc(k, target, n, twist=oracle),
+    }
+    if args.quick:
+        smc_methods.pop("smc_oracle")
+    for m_idx, (name, fn) in enumerate(smc_methods.items()):
+        for b in smc_budgets:
+            n = max(1, b // num_steps)
+            for s in range(seeds):
+                kk = jax.random.fold_in(jax.random.fold_in(k_is, m_idx), s * 100003 + b)
+                p = fn(kk, n)
+                xs = resample(jax.random.fold_in(kk, 1), p, n_eval)
+                row = evaluate(xs, x_exact[s], exact, center)
+                row.update(method=name, budget=b, nfe=int(p.nfe), seed=s, log_Z=float(p.log_Z), ess=float(metrics.ess(p.log_weights)))
+                rows.append(row)
+        print(f"[{time.time() - t_start:6.1f}s] {name} done", flush=True)
+
+    capacity = int(budgets[-1] * 1.25) + 10 * (num_steps + 1)
+    dts_runs = {
+        "dts": (DTSConfig("published"), None),
+        "dts_consistent": (DTSConfig("consistent"), None),
+        "dts_consistent_fk": (DTSConfig("consistent"), fk),
+    }
+    values = {}
+    keys = jax.random.split(k_dts, seeds)
+    if args.quick:
+        dts_runs.pop("dts_consistent_fk")
+    for name, (config, twist) in dts_runs.items():
+        rs, trees = grow_dts(target, config, twist, keys, budgets, capacity, n_eval, x_exact, exact, center, progress=not args.quick)
+        for r in rs:
+            r["method"] = name
+        rows.extend(rs)
+        values[name] = value_errors(model, reward, beta, trees, num_steps)
+        values[name]["root_log_value_minus_log_Z"] = [float(v - exact.log_Z) for v in np.asarray(trees.log_value[:, 0])]
+        del trees
+        print(f"[{time.time() - t_start:6.1f}s] {name} done", flush=True)
+
+    # --- headline numbers -----------------------------------------------------------------------------------
+    top = budgets[-1]
+    ref_is = mean_at(rows, "is", ref_budget, "energy")
+    ref_smc = mean_at(rows, "fk_smc", ref_budget, "energy")
+    match_is = first_match(rows, "dts_consistent", ref_is)
+    match_smc = first_match(rows, "dts_consistent", ref_smc)
+    match_is_fk = first_match(rows, "dts_consistent_fk", ref_is) if "dts_consistent_fk" in dts_runs else None
+    match_is_pub = first_match(rows, "dts", ref_is)
+    ratio = lambda m: (ref_budget / m) if m else 0.0
+    summary = {
+        "nfe_ratio_vs_is": ratio(match_is),
+        "nfe_ratio_vs_smc": ratio(match_smc),
+        "floor_ratio": mean_at(rows, "dts_consistent", top, "energy") / floor,
+        "tilt_bias": {
+            "dts": mean_at(rows, "dts", top, "sq_dist") - exact_sq,
+            "dts_consistent": mean_at(rows, "dts_consistent", top, "sq_dist") - exact_sq,
+        },
+        "nfe_ratio_vs_is_fk_guided": ratio(match_is_fk),
+        "nfe_ratio_vs_is_published": ratio(match_is_pub),
+        "floor_ratio_fk_guided": mean_at(rows, "dts_consistent_fk", top, "energy") / floor,
+        "floor_ratio_published": mean_at(rows, "dts", top, "energy") / floor,
+        "floor": floor,
+        "reference_budget": ref_budget,
+        "largest_budget": top,
+        "exact_sq_dist": exact_sq,
+        "exact_log_Z": float(exact.log_Z),
+        "energy_at_largest": {m: mean_at(rows, m, top, "energy") for m in ["is", "fk_smc", "smc_oracle", "dts", "dts_consistent", "dts_consistent_fk"]},
+        "energy_at_reference": {m: mean_at(rows, m, ref_budget, "energy") for m in ["is", "fk_smc", "smc_oracle", "dts", "dts_consistent", "dts_consistent_fk"]},
+        "seconds": round(time.time() - t_start, 1),
+        "quick": bool(args.quick),
+    }
+    with open(os.path.join(args.out, "dts_gmm.json"), "w") as f:
+        json.dump({"summary": summary, "rows": rows, "value_errors": values, "num_steps": num_steps, "n_eval": n_eval, "seeds": seeds}, f, indent=1)
+    plot(rows, floor, exact_sq, args.out, values)
+    print(json.dumps(summary))
+
+
+def plot(rows, floor, exact_sq, out, values):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = {"is": "C0o-", "fk_smc": "C1s-", "smc_oracle": "C2^-", "dts": "C3v-", "dts_consistent": "C4D-", "dts_consistent_fk": "C5P-"}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for metric, ax, ylabel in (("energy", axes[0], "energy distance to σ"), ("mode_tv", axes[1], "mode-weight TV"), ("sq_dist", axes[2], "E‖x − c‖²")):
+        for method, style in styles.items():
+            budgets = sorted({r["budget"] for r in rows if r["method"] == method})
+            if not budgets:
+                continue
+            nfe = [np.mean([r["nfe"] for r in rows if r["method"] == method and r["budget"] == b]) for b in budgets]
+            val = [np.mean([r[metric] for r in rows if r["method"] == method and r["budget"] == b]) for b in budgets]
+            ax.plot(nfe, val, style, label=method, ms=4)
+        ax.set_xscale("log")
+        ax.set_xlabel("NFE")
+        ax.set_ylabel(ylabel)
+        if metric == "energy":
+            ax.set_yscale("log")
+            ax.axhline(floor, color="k", ls="--", lw=1, label="exact-vs-exact floor")
+        if metric == "sq_dist":
+            ax.axhline(exact_sq, color="k", ls="--", lw=1, label="exact")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "dts_gmm.png"), dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, style in (("dts", "C3v-"), ("dts_consistent", "C4D-"), ("dts_consistent_fk", "C5P-")):
+        errs = values.get(method, {}).get("all", {})
+        if errs:
+            lv = sorted(errs)
+            ax.errorbar(lv, [errs[l]["bias_log"] for l in lv], yerr=[errs[l]["std_log"] for l in lv], fmt=style, label=method, ms=4, capsize=2)
+    ax.axhline(0, color="k", lw=1)
+    ax.set_xlabel("tree level (1 = x_T)")
+    ax.set_ylabel("log Ŵ − log ψ (mean ± sd over nodes)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "dts_gmm_values.png"), dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
