@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["Particles", "raise_on_nonfinite"]
 
@@ -33,8 +34,9 @@ class Particles(NamedTuple):
     ess: jax.Array
     ancestors: jax.Array
     nfe: jax.Array
-    nonfinite_reward: jax.Array = jnp.asarray(False)
-    all_zero: jax.Array = jnp.asarray(False)
+    # numpy defaults: importing pplalign must not start a JAX backend (jax.distributed.initialize comes first)
+    nonfinite_reward: jax.Array = np.asarray(False)
+    all_zero: jax.Array = np.asarray(False)
 
     @property
     def num_particles(self) -> int:
