@@ -31,7 +31,7 @@ import numpy as np
 import pplalign
 from pplalign import evaluation, twists
 from models import markov_twists
-from models.markov_lm import TableReward, random_markov_lm
+from models.markov_lm import random_markov_lm
 
 METHODS = ("ctl", "sixo", "dpg", "soft_rl")
 
@@ -42,9 +42,7 @@ FULL = dict(train_steps=1500, batch=128, particle_counts=(1, 2, 4, 8, 16, 32, 64
 def make_testbed(vocab: int = 4, steps: int = 6, sharpness: float = 4.0, threshold: float = 5.5, beta: float = 1.0):
     """The exact testbed: random Markov LM, reward log sigmoid(sharpness·(#zeros − threshold)), σ ∝ p₀ e^{r/β}."""
     lm = random_markov_lm(jax.random.PRNGKey(0), vocab, steps)
-    seqs = lm.all_sequences()
-    reward = TableReward(jax.nn.log_sigmoid(sharpness * (jnp.sum(seqs == 0, -1) - threshold)), vocab)
-    return lm, reward, beta
+    return lm, markov_twists.count_reward(lm, 0, sharpness, threshold), beta
 
 
 def train_twist(method, lm, reward, beta, cfg, out_dir, progress=True):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from .markov_lm import ExactTwist, MarkovLM, MarkovState
 
-__all__ = ["TabularTwist", "MLPTwist", "tabular_twist", "mlp_twist", "from_exact"]
+__all__ = ["TabularTwist", "MLPTwist", "tabular_twist", "mlp_twist", "from_exact", "count_reward"]
 
 
 @jax.tree_util.register_dataclass
@@ -90,3 +90,15 @@ def mlp_twist(key: jax.Array, lm: MarkovLM, hidden: int = 64) -> MLPTwist:
     w1 = jax.random.normal(k1, (d_in, hidden), jnp.float32) / math.sqrt(d_in)
     w2 = jax.random.normal(k2, (hidden, v), jnp.float32) * (0.1 / math.sqrt(hidden))
     return MLPTwist(w1, jnp.zeros((hidden,)), w2, jnp.zeros((v,)), jnp.zeros((steps,)), v, steps)
+
+
+def count_reward(lm: MarkovLM, token: int = 0, sharpness: float = 4.0, threshold: float = 5.5):
+    """A sparse, structured reward for the testbed: r(x) = log sigmoid(sharpness·(#{t: x_t = token} − threshold)),
+    as a :class:`models.markov_lm.TableReward` (exact enumeration still applies). r ≤ 0, so φ = e^r ∈ (0, 1) is the
+    probability that a "classifier" accepts x; with the defaults (T = 6) σ puts most mass on rare all-``token``
+    sequences, which bootstrap SMC finds poorly and a twist can learn (the count is linear in one-hot features)."""
+    from .markov_lm import TableReward
+
+    seqs = lm.all_sequences()
+    count = jnp.sum(seqs == token, axis=-1)
+    return TableReward(jax.nn.log_sigmoid(sharpness * (count - threshold)), lm.vocab_size)

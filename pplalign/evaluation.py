@@ -82,7 +82,7 @@ def kl_estimates(key: jax.Array, target: Any, twist: Any, sigma_refs: Any, log_Z
 
     KL(q‖σ) = log Z − E_q[log w] from ``num_q`` one-particle SMC runs; KL(σ‖q) = E_σ[log w] − log Z from
     one-particle CSMC runs pinned to ``sigma_refs``. Pass the exact log Z, or a bound: an upper bound of log Z
-    makes the first an upper bound, a lower bound makes the second one.
+    makes the first an upper bound, a lower bound makes the second one. ``*_se`` are the standard errors.
     """
     n_sigma = jax.tree_util.tree_leaves(sigma_refs)[0].shape[0]
     num_q = n_sigma if num_q is None else num_q
@@ -97,9 +97,12 @@ def kl_estimates(key: jax.Array, target: Any, twist: Any, sigma_refs: Any, log_Z
             for i in range(n_sigma)
         ]
     )
+    se = lambda x: float(jnp.std(x, ddof=1) / jnp.sqrt(x.shape[0])) if x.shape[0] > 1 else 0.0
     return dict(
         kl_q_sigma=float(metrics.kl_q_sigma(log_w_q, log_Z)),
         kl_sigma_q=float(metrics.kl_sigma_q(log_w_s, log_Z)),
+        kl_q_sigma_se=se(log_w_q),
+        kl_sigma_q_se=se(log_w_s),
     )
 
 

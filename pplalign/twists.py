@@ -28,6 +28,8 @@ import numpy as np
 import numpyro.distributions as dist
 import optax
 
+from ._filter_jit import filter_jit
+
 __all__ = [
     "ctl_loss",
     "sixo_loss",
@@ -324,9 +326,14 @@ def trace(target: Any, twist: Any, reference: jax.Array, key: Optional[jax.Array
     return Trace(log_psi, cand, log_p0, tokens, log_phi, cat(log_q, log_q_l), cat(log_g, log_g_l))
 
 
-def trace_batch(target: Any, twist: Any, references: jax.Array) -> Trace:
-    """:func:`trace` vmapped over a leading batch axis of ``references``."""
+def _trace_batch(target: Any, twist: Any, references: jax.Array) -> Trace:
     return jax.vmap(lambda r: trace(target, twist, r))(references)
+
+
+# Compiled once per (program, twist) type; arrays (twist parameters, the program's tables) are arguments,
+# never closure constants. Inside a caller's jit/grad it simply inlines.
+trace_batch = filter_jit(_trace_batch)
+trace_batch.__doc__ = """:func:`trace` vmapped over a leading batch axis of ``references`` [B, T, ...]; compiled."""
 
 
 # --------------------------------------------------------------------------------------------------------
