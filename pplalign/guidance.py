@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro.distributions as dist
 
 from .particles import Particles
@@ -61,9 +62,11 @@ def _build(target: Tilted, twist, lambdas, scale):
         raise ValueError(f"target must come from pplalign.tilt; got {type(target).__name__}")
     base = target.base
     _require(base, "denoise", "denoised", "reverse_moments")
+    if not isinstance(scale, jax.core.Tracer):  # checked when concrete (numpy: no trace inside a caller's jit)
+        value = np.asarray(scale, np.float32)
+        if value.ndim != 0 or not np.isfinite(value) or value < 0:
+            raise ValueError(f"guidance scale must be a finite scalar >= 0; got {scale}")
     scale = jnp.asarray(scale, jnp.float32)
-    if scale.ndim != 0 or not bool(jnp.isfinite(scale)) or float(scale) < 0:
-        raise ValueError(f"guidance scale must be a finite scalar >= 0; got {scale}")
     if twist is None:
         twist = DenoisedRewardTwist(base, target.reward, target.beta, lambda_schedule(target.num_steps, lambdas))
     elif not hasattr(twist, "log_psi_at"):
