@@ -1,0 +1,25 @@
+"""experiments/diffusion_digits.py runs in quick mode, writes its JSON and plot, and prints one JSON line last."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_diffusion_digits_quick(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.diffusion_digits", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "MPLBACKEND": "Agg"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(summary["frechet"]) == {"best_of_n", "fk_smc", "tds"}
+    assert summary["nfe"]["tds"][0] == 2 * summary["nfe"]["fk_smc"][0] == 2 * summary["nfe"]["best_of_n"][0]
+    for method, values in summary["class_tv"].items():
+        assert all(0.0 <= v <= 1.0 for v in values), method
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {r["method"] for r in results["rows"]} >= {"base", "data", "best_of_n", "fk_smc", "tds"}
+    assert (tmp_path / "quality_vs_nfe.png").stat().st_size > 0
