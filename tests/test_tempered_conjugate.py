@@ -35,7 +35,7 @@ RUNS, N, STAGES = 64, 128, 12
 FIXED = jnp.asarray([0.02, 0.06, 0.15, 0.35, 0.7, 1.0] + [1.0] * (STAGES - 6))
 
 
-@pytest.fixture(scope="module", params=["rwmh", "hmc", "mala-fixed-schedule"])
+@pytest.fixture(scope="module", params=["rwmh", "hmc-fixed-schedule"])  # MALA: test_genjax_constrained_public_api
 def replicated(request):
     """RUNS independent runs of N particles: (log Ẑ [R], particle means [R, D], particle variances [R, D])."""
     kind = request.param.split("-")[0]
