@@ -63,13 +63,7 @@ def _checks() -> dict:  # runs inside the 8-device subprocess
         island_smc(key, target, n, num_islands=8, mesh=mesh),
     )
     tables = jax.random.normal(jax.random.key(9), (3, 4**5))
-    targets = jax.vmap(lambda v: pplalign.tilt(lm, TableReward(v, 4), 1.0))(tables)
-    a, b = many(key, targets, n), many(key, targets, n, mesh=mesh)
-    out["many"] = dict(
-        log_Z=[np.asarray(a.log_Z).tolist(), np.asarray(b.log_Z).tolist()],
-        samples_equal=bool(jnp.all(a.samples == b.samples)),
-    )
-
+    targets = jax.vmap(lambda v: pplalign.tilt(lm, TableReward(v, 4), 1.0))(tables)  # for the error check
     errors = {}
     bad = [
         ("smc", lambda: pplalign.smc(key, target, 60, mesh=mesh)),
@@ -114,13 +108,6 @@ def test_sharded_equals_unsharded(eight_devices, name):
     assert r["samples_maxdiff"] < 1e-4, r
     assert r["ancestors_equal"], r
     assert r["num_devices"] == 8, r  # the sharded run really spread its particles
-
-
-def test_many_prompts_sharded(eight_devices):
-    r = eight_devices["many"]
-    assert len(r["log_Z"][0]) == 3
-    assert max(abs(x - y) for x, y in zip(*r["log_Z"])) < 1e-4
-    assert r["samples_equal"]
 
 
 @pytest.mark.parametrize("name", ["smc", "csmc", "importance_sampling", "tempered_smc", "many"])
