@@ -20,7 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def _checks() -> dict:  # runs inside the 8-device subprocess
     import jax
     import jax.numpy as jnp
-    import numpy as np
     import numpyro
     import numpyro.distributions as dist
 
