@@ -35,8 +35,8 @@ from models.markov_lm import random_markov_lm
 
 METHODS = ("ctl", "sixo", "dpg", "soft_rl")
 
-QUICK = dict(train_steps=150, batch=64, particle_counts=(1, 4, 16), headline=4, seeds=5, kl_samples=64)
-FULL = dict(train_steps=1500, batch=128, particle_counts=(1, 2, 4, 8, 16, 32, 64), headline=4, seeds=5, kl_samples=512)
+QUICK = dict(train_steps=100, batch=64, particle_counts=(1, 4, 16), headline=4, seeds=5, kl_samples=64)
+FULL = dict(train_steps=1000, batch=128, particle_counts=(1, 2, 4, 8, 16, 32, 64), headline=4, seeds=5, kl_samples=512)
 
 
 def make_testbed(vocab: int = 4, steps: int = 6, sharpness: float = 4.0, threshold: float = 5.5, beta: float = 1.0):
@@ -118,8 +118,16 @@ def main(argv=None):
     parser.add_argument("--out", default="results/twisted_smc_bounds")
     parser.add_argument("--bootstrap-none", action="store_true", help="bootstrap via pplalign.smc(twist=None)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--train-steps", type=int, default=None, help="override the mode's training steps")
+    parser.add_argument("--particle-counts", default=None, help="override, e.g. 1,4,16,64")
     args = parser.parse_args(argv)
-    cfg = QUICK if args.quick else FULL
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.train_steps is not None:
+        cfg["train_steps"] = args.train_steps
+    if args.particle_counts is not None:
+        cfg["particle_counts"] = tuple(int(n) for n in args.particle_counts.split(","))
+        if cfg["headline"] not in cfg["particle_counts"]:
+            cfg["headline"] = cfg["particle_counts"][0]
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
 
