@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 NOISE = 0.5
-SEEDS = 5
+SEEDS = 3
 
 
 def make_data(key, n, d):
@@ -157,7 +157,9 @@ def main(argv=None):
     ap.add_argument("--out", default="results/vi_peer_numpyro")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    steps, samples, m = (1000, 4, 10000) if args.quick else (5000, 8, 200000)
+    steps, samples, m = (800, 4, 10000) if args.quick else (5000, 8, 200000)
+    global SEEDS
+    SEEDS = 3 if args.quick else 10
     x, y = make_data(jax.random.key(0), 50, 3)
     # the same optimiser for both: Adam with a decaying step, so both runs settle at the optimum
     lr = optax.adam(optax.exponential_decay(0.05, steps, 0.02))

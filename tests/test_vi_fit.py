@@ -121,3 +121,11 @@ def test_peer_numpyro_quick(tmp_path):
     line = _run("experiments.vi_peer_numpyro", tmp_path)
     assert line["within_mc_error"], line
     assert line["elbo_genjax"] <= line["log_evidence"] + 3 * line["elbo_se"]
+
+
+def test_transformer_quick(tmp_path):
+    line = _run("experiments.vi_transformer", tmp_path)
+    assert all(np.isfinite(v) for v in line.values())
+    assert line["reward_smc"] > line["reward_base"]  # the classifier tilt moves the reward up
+    assert line["kl_q_p0"] > -0.05  # a KL estimate (MC error allowed)
+    assert os.path.exists(tmp_path / "reward_kl_vs_beta.png")

@@ -8,6 +8,7 @@ KL-regularised RL is variational inference (Korbak et al. 2022): max_q E_q[r] âˆ
 
 from .estimators import ESTIMATORS, estimate
 from .families import GaussianFamily, SequentialFamily, sample_program, sequence_log_prob
+from . import rl_guidance
 from .fit import FitResult, NonFiniteLossError, fit
 from .objectives import (
     Objective,
@@ -24,6 +25,7 @@ from .objectives import (
 
 __all__ = [
     "ESTIMATORS",
+    "rl_guidance",
     "fit",
     "FitResult",
     "NonFiniteLossError",
