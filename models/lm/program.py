@@ -31,7 +31,8 @@ import numpyro.distributions as dist
 from .tokenizer import BOS, EOS, PAD, Tokenizer
 from .transformer import Transformer
 
-__all__ = ["PromptCache", "LMState", "LMProgram", "prompt_caches", "vmap_prompts", "ancestral_sample"]
+__all__ = ["PromptCache", "LMState", "LMProgram", "prompt_caches", "vmap_prompts", "ancestral_sample",
+           "stay_in_place", "in_place_ancestors"]
 
 
 class PromptCache(NamedTuple):
@@ -104,12 +105,12 @@ class LMProgram:
     logit_mask: jax.Array
     num_steps: int = dataclasses.field(metadata=dict(static=True))
     bucket: int = dataclasses.field(default=8, metadata=dict(static=True))
-    reorder_mode: str = dataclasses.field(default="bucketed", metadata=dict(static=True))
+    reorder_mode: str = dataclasses.field(default="inplace", metadata=dict(static=True))
 
     @classmethod
     def from_prompt(cls, model: Transformer, prompt: str | Sequence[int], num_steps: int, *,
                     tokenizer: Optional[Tokenizer] = None, prompt_cache_len: Optional[int] = None,
-                    cache_dtype: Any = jnp.float32, bucket: int = 8, reorder_mode: str = "bucketed",
+                    cache_dtype: Any = jnp.float32, bucket: int = 8, reorder_mode: str = "inplace",
                     banned: Sequence[int] = ()) -> "LMProgram":
         """A program continuing ``prompt`` (text, encoded with ``tokenizer`` and ``<bos>`` first; or ids)."""
         if isinstance(prompt, str):
@@ -122,11 +123,11 @@ class LMProgram:
 
     @classmethod
     def build(cls, model: Transformer, prompt: PromptCache, num_steps: int, *, bucket: int = 8,
-              reorder_mode: str = "bucketed", banned: Sequence[int] = ()) -> "LMProgram":
+              reorder_mode: str = "inplace", banned: Sequence[int] = ()) -> "LMProgram":
         if not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive int; got {num_steps!r}")
-        if reorder_mode not in ("bucketed", "full"):
-            raise ValueError(f"reorder_mode must be 'bucketed' or 'full'; got {reorder_mode!r}")
+        if reorder_mode not in ("bucketed", "full", "inplace"):
+            raise ValueError(f"reorder_mode must be 'inplace', 'bucketed' or 'full'; got {reorder_mode!r}")
         if not isinstance(bucket, int) or bucket < 1:
             raise ValueError(f"bucket must be a positive int; got {bucket!r}")
         p = prompt.kv.shape[-2]
@@ -183,13 +184,18 @@ class LMProgram:
         """Gather particles by ancestor index after step t: every small leaf, and the cache's filled slots.
 
         Slots > t hold nothing yet (they are written before they are read), so only ⌈(t+1)/bucket⌉·bucket
-        slots are gathered; ``reorder_mode="full"`` gathers the whole cache (the naive reference)."""
+        slots are copied. ``"bucketed"``: a gather of those slots for every particle. ``"inplace"``: when every
+        source particle keeps its own slot (ancestors from :func:`stay_in_place`), only the rows of particles
+        that *moved* are copied, one row at a time in a loop, in place — with ESS-triggered resampling that is
+        the dead particles only; other ancestor vectors fall back to the bucketed gather. ``"full"``: the naive
+        gather of the whole cache."""
         small = jax.tree_util.tree_map(lambda a: jnp.take(a, ancestors, axis=0), states._replace(kv=None))
         kv = states.kv
         if self.reorder_mode == "full":
             return small._replace(kv=jnp.take(kv, ancestors, axis=0))
         steps = self.num_steps
         sizes = sorted({min(steps, b) for b in range(self.bucket, steps + self.bucket, self.bucket)})
+        which = jnp.minimum(jnp.asarray(t, jnp.int32) // self.bucket, len(sizes) - 1)
 
         def gather(size):
             def f(kv):
@@ -198,8 +204,30 @@ class LMProgram:
                 return jax.lax.dynamic_update_slice_in_dim(kv, jnp.take(kv[..., :size, :], ancestors, axis=0), 0, axis=3)
             return f
 
-        which = jnp.minimum(jnp.asarray(t, jnp.int32) // self.bucket, len(sizes) - 1)
-        return small._replace(kv=jax.lax.switch(which, [gather(s) for s in sizes], kv))
+        bucketed = lambda kv: jax.lax.switch(which, [gather(s) for s in sizes], kv)
+        if self.reorder_mode == "bucketed":
+            return small._replace(kv=bucketed(kv))
+
+        n = ancestors.shape[0]
+        moved = ancestors != jnp.arange(n)
+        num_moved = jnp.sum(moved)
+        dst = jnp.nonzero(moved, size=n, fill_value=0)[0]
+        src = ancestors[dst]
+        sources_stay = jnp.all(jnp.where(moved, ~moved[ancestors], True))  # no source row is overwritten
+
+        def copy_rows(size):
+            def f(kv):
+                shape = (1,) + kv.shape[1:3] + (size, kv.shape[4])
+
+                def body(i, kv):
+                    row = jax.lax.dynamic_slice(kv, (src[i], 0, 0, 0, 0), shape)
+                    return jax.lax.dynamic_update_slice(kv, row, (dst[i], 0, 0, 0, 0))
+
+                return jax.lax.fori_loop(0, num_moved, body, kv)
+            return f
+
+        in_place = lambda kv: jax.lax.switch(which, [copy_rows(s) for s in sizes], kv)
+        return small._replace(kv=jax.lax.cond(sources_stay, in_place, bucketed, kv))
 
     @property
     def vocab_size(self) -> int:
@@ -250,3 +278,26 @@ def _ancestral_impl(key, program, num, greedy=False):
 
 
 _ancestral_jit = jax.jit(_ancestral_impl, static_argnums=(2, 3))
+
+
+def in_place_ancestors(ancestors: jax.Array) -> jax.Array:
+    """The same multiset of ancestors, assigned to slots so that every parent with offspring keeps its own slot
+    (its first offspring stays) and the extra offspring fill the slots of parents without offspring.
+
+    After resampling the particles are exchangeable (equal weights), so this is still an unbiased resampling;
+    only the dead particles' slots change, which is what ``LMProgram.reorder(mode="inplace")`` copies."""
+    n = ancestors.shape[0]
+    counts = jnp.zeros((n,), jnp.int32).at[ancestors].add(1)
+    extras = jnp.repeat(jnp.arange(n, dtype=jnp.int32), jnp.maximum(counts - 1, 0), total_repeat_length=n)
+    free = jnp.nonzero(counts == 0, size=n, fill_value=n)[0]
+    return jnp.arange(n, dtype=jnp.int32).at[free].set(extras, mode="drop")
+
+
+def stay_in_place(resampler: Callable) -> Callable:
+    """Wrap a resampler ``(key, log_weights, num) -> ancestors`` with :func:`in_place_ancestors`."""
+
+    def resample(key, log_weights, num):
+        return in_place_ancestors(resampler(key, log_weights, num).astype(jnp.int32))
+
+    resample.__name__ = f"stay_in_place({getattr(resampler, '__name__', 'resampler')})"
+    return resample
