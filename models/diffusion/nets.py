@@ -56,25 +56,26 @@ class MLPDenoiser(nnx.Module):
 @dataclasses.dataclass(frozen=True)
 class EpsDenoiser:
     """``(x, s) -> x̂_0 = (x − √(1−ᾱ_s) ε̂)/√ᾱ_s`` from an ε-prediction network (the posterior-mean denoiser
-    by Tweedie's formula). ``label`` ≥ 0 conditions on a class (−1: unconditional); ``guidance`` w applies
-    classifier-free guidance ε̂ = (1 + w) ε̂(x, c) − w ε̂(x, ∅) (Ho & Salimans 2022); ``clip`` bounds x̂_0
+    by Tweedie's formula). ``label`` ≥ 0 conditions on a class (−1: unconditional, the null label); a static
+    ``guidance`` w ≠ 0 applies classifier-free guidance ε̂ = (1 + w) ε̂(x, c) − w ε̂(x, ∅) (Ho & Salimans 2022),
+    at two network calls per evaluation; ``clip`` bounds x̂_0
     (the data range), or None. Flattened images are handled by ``event_shape``.
     """
 
     net: Any
     alpha_bars: jax.Array
     label: jax.Array
-    guidance: jax.Array
     event_shape: tuple = dataclasses.field(metadata=dict(static=True))
     clip: float | None = dataclasses.field(default=None, metadata=dict(static=True))
+    guidance: float = dataclasses.field(default=0.0, metadata=dict(static=True))  # 0: one network call
 
     def eps(self, x: jax.Array, s: jax.Array) -> jax.Array:
         flat = x.reshape(x.shape[: x.ndim - len(self.event_shape)] + (-1,))
         scaled_s = jnp.asarray(s, jnp.float32) * (1000.0 / (self.alpha_bars.shape[0] - 1))
         if getattr(self.net, "num_classes", 0) > 0:
-            cond = self.net(flat, scaled_s, jnp.broadcast_to(self.label, flat.shape[:-1]))
-            uncond = self.net(flat, scaled_s, None)
-            e = cond + self.guidance * (cond - uncond)
+            e = self.net(flat, scaled_s, jnp.broadcast_to(self.label, flat.shape[:-1]))
+            if self.guidance != 0.0:
+                e = e + self.guidance * (e - self.net(flat, scaled_s, None))
         else:
             e = self.net(flat, scaled_s)
         return e.reshape(x.shape)
@@ -85,7 +86,7 @@ class EpsDenoiser:
         return x0 if self.clip is None else jnp.clip(x0, -self.clip, self.clip)
 
     def with_label(self, label, guidance: float | None = None) -> "EpsDenoiser":
-        g = self.guidance if guidance is None else jnp.asarray(guidance, jnp.float32)
+        g = self.guidance if guidance is None else float(guidance)
         return dataclasses.replace(self, label=jnp.asarray(label, jnp.int32), guidance=g)
 
 

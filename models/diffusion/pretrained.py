@@ -32,8 +32,7 @@ def load_denoiser(name: str, label: int = -1, guidance: float = 0.0) -> EpsDenoi
         raise ValueError(f"{name!r} is not a denoiser")
     alpha_bars = alpha_bars_of(vp_betas(config["total_steps"]))
     clip = 1.0 if config["data"] == "digits" else None
-    return EpsDenoiser(net, alpha_bars, jnp.asarray(label, jnp.int32), jnp.asarray(guidance, jnp.float32),
-                       (config["dim"],), clip)
+    return EpsDenoiser(net, alpha_bars, jnp.asarray(label, jnp.int32), (config["dim"],), clip, float(guidance))
 
 
 def program(name: str, num_steps: int | None = None, eta: float = 1.0, label: int = -1, guidance: float = 0.0) -> DDPM:
