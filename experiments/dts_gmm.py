@@ -94,51 +94,46 @@ def resample(key, p, n):
 
 
 def grow_dts(target, config, twist, keys, budgets, capacity, n_eval, x_exact_sets, exact, center, progress=True):
-    """Grow one tree per key (vmapped) until every budget is passed; evaluate samples at each budget."""
+    """Grow one tree per key until every budget is passed; evaluate samples at each budget.
+
+    Seeds run one after the other, not vmapped: under ``vmap`` a ``while_loop`` with a batched predicate
+    selects between old and new carry on every trip, which costs O(capacity) per trip for a big tree."""
     num_steps = target.num_steps
-    num_seeds = keys.shape[0]
-    tree0 = search.init(target, capacity)
-    trees = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (num_seeds,) + a.shape), tree0)
-    run = jax.jit(jax.vmap(lambda k, tr, n: search.run_loop(k, tr, target, n, config, twist), in_axes=(0, 0, None)))
-    sample = jax.jit(
-        jax.vmap(lambda k, tr: search.sample_leaves(k, tr, num_steps, n_eval, False)), donate_argnums=()
-    )
-    rows = []
-    rate = float(num_steps) / 2.0  # NFE per iteration, refined as we go
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    run = jax.jit(lambda k, tr, n: search.run_loop(k, tr, target, n, config, twist))
+    sample = jax.jit(lambda k, tr: search.sample_leaves(k, tr, num_steps, n_eval, False))
+    rows, trees = [], []
+    for s, key in enumerate(keys):
+        tree = search.init(target, capacity)
+        rate = float(num_steps) / 2.0  # NFE per iteration, refined as we go
+        iters = 0
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
 
-        bar = tqdm(total=int(budgets[-1]), desc=f"DTS {config.variant}{'+twist' if twist is not None else ''}", leave=False)
-    iters = 0
-    for budget in budgets:
-        while True:
-            nfe = np.asarray(trees.nfe)
-            if nfe.min() >= budget or bool(np.asarray(trees.full).any()):
-                break
-            chunk = int(np.clip((budget - nfe.min()) / rate, 20, 50_000))
-            trees = run(keys, trees, jnp.asarray(chunk, jnp.int32))
-            new = np.asarray(trees.nfe)
-            iters += chunk
-            rate = max(1.0, float(new.mean()) / iters)
-            if bar is not None:
-                bar.n = int(min(new.min(), budgets[-1]))
-                bar.refresh()
-        leaves = sample(jax.vmap(lambda k: jax.random.fold_in(k, 7))(keys), trees)
-        xs = np.asarray(jax.vmap(lambda tr, lv: tr.states.x[lv])(trees, leaves))
-        for s in range(num_seeds):
-            row = evaluate(xs[s], x_exact_sets[s], exact, center)
-            row.update(nfe=int(np.asarray(trees.nfe)[s]), seed=s, budget=int(budget), log_Z=float(np.asarray(trees.log_value)[s, 0]))
+            bar = tqdm(total=int(budgets[-1]), desc=f"DTS {config.variant}{'+twist' if twist is not None else ''} seed {s}", leave=False)
+        for budget in budgets:
+            while int(tree.nfe) < budget and not bool(tree.full):
+                chunk = int(np.clip((budget - int(tree.nfe)) / rate, 20, 20_000))
+                tree = run(key, tree, jnp.asarray(chunk, jnp.int32))
+                iters += chunk
+                rate = max(1.0, int(tree.nfe) / iters)
+                if bar is not None:
+                    bar.n = int(min(int(tree.nfe), budgets[-1]))
+                    bar.refresh()
+            leaves = sample(jax.random.fold_in(key, 7), tree)
+            xs = np.asarray(tree.states.x[leaves])
+            row = evaluate(xs, x_exact_sets[s], exact, center)
+            row.update(nfe=int(tree.nfe), seed=s, budget=int(budget), log_Z=float(tree.log_value[0]))
             rows.append(row)
-    if bar is not None:
-        bar.close()
-    return rows, trees
+        if bar is not None:
+            bar.close()
+        trees.append(tree if s == 0 else None)
+    return rows, trees[0]
 
 
-def value_errors(model, reward, beta, trees, num_steps: int, seed: int = 0) -> dict:
-    """Bias and spread of the tree's log Ŵ against the exact log ψ_s(x) at each level (seed ``seed``'s tree),
-    over all nodes and over well-visited nodes (≥ 50 visits); also the Z-scale ratio mean Ŵ/ψ."""
-    tree = jax.tree_util.tree_map(lambda a: a[seed], trees)
+def value_errors(model, reward, beta, tree, num_steps: int) -> dict:
+    """Bias and spread of the tree's log Ŵ against the exact log ψ_s(x) at each level, over all nodes and over
+    well-visited nodes (≥ 50 visits); also the Z-scale ratio mean Ŵ/ψ."""
     n = int(tree.num_nodes)
     level = np.asarray(tree.level[:n])
     visits = np.asarray(tree.visits[:n])
@@ -208,6 +203,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="results/dts_gmm")
     ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--methods", default=None, help="comma-separated subset to run now (others are read from the cache)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
@@ -232,6 +228,24 @@ def main(argv=None):
     floor = float(np.mean([metrics.energy_distance(a, b) for a, b in zip(x_exact, x_exact2)]))
     exact_sq = float(np.sum(np.exp(exact.log_weights) * (np.sum((np.asarray(exact.means) - center) ** 2, -1) + 2 * np.asarray(exact.variances))))
 
+    # Each method's rows are cached in OUT/cache/<method>.json, so an interrupted run resumes and methods can run
+    # as separate processes (--methods); the summary is computed once every method is cached.
+    cache_dir = os.path.join(args.out, "cache")
+    os.makedirs(cache_dir, exist_ok=True)
+    wanted = None if args.methods is None else set(args.methods.split(","))
+    cache_tag = {"num_steps": num_steps, "n_eval": n_eval, "seeds": seeds, "quick": bool(args.quick)}
+
+    def cached(name):
+        path = os.path.join(cache_dir, f"{name}.json")
+        if os.path.exists(path):
+            data = json.load(open(path))
+            if data.get("tag") == cache_tag:
+                return data
+        return None
+
+    def store(name, rows_, extra=None):
+        json.dump({"tag": cache_tag, "rows": rows_, "extra": extra}, open(os.path.join(cache_dir, f"{name}.json"), "w"))
+
     rows = []
     fk = DenoisedRewardTwist(model, reward, jnp.float32(beta))
     oracle = model.soft_value_twist(reward, beta)
@@ -243,6 +257,13 @@ def main(argv=None):
     if args.quick:
         smc_methods.pop("smc_oracle")
     for m_idx, (name, fn) in enumerate(smc_methods.items()):
+        hit = cached(name)
+        if hit is not None:
+            rows.extend(hit["rows"])
+            continue
+        if wanted is not None and name not in wanted:
+            continue
+        new_rows = []
         for b in smc_budgets:
             n = max(1, b // num_steps)
             for s in range(seeds):
@@ -251,7 +272,9 @@ def main(argv=None):
                 xs = resample(jax.random.fold_in(kk, 1), p, n_eval)
                 row = evaluate(xs, x_exact[s], exact, center)
                 row.update(method=name, budget=b, nfe=int(p.nfe), seed=s, log_Z=float(p.log_Z), ess=float(metrics.ess(p.log_weights)))
-                rows.append(row)
+                new_rows.append(row)
+        store(name, new_rows)
+        rows.extend(new_rows)
         print(f"[{time.time() - t_start:6.1f}s] {name} done", flush=True)
 
     capacity = int(budgets[-1] * 1.25) + 10 * (num_steps + 1)
@@ -265,15 +288,27 @@ def main(argv=None):
     if args.quick:
         dts_runs.pop("dts_consistent_fk")
     for name, (config, twist) in dts_runs.items():
+        hit = cached(name)
+        if hit is not None:
+            rows.extend(hit["rows"])
+            values[name] = hit["extra"]
+            continue
+        if wanted is not None and name not in wanted:
+            continue
         rs, trees = grow_dts(target, config, twist, keys, budgets, capacity, n_eval, x_exact, exact, center, progress=not args.quick)
         for r in rs:
             r["method"] = name
         rows.extend(rs)
         values[name] = value_errors(model, reward, beta, trees, num_steps)
-        values[name]["root_log_value_minus_log_Z"] = [float(v - exact.log_Z) for v in np.asarray(trees.log_value[:, 0])]
+        values[name]["root_log_value_minus_log_Z"] = [float(r["log_Z"] - exact.log_Z) for r in rs if r["budget"] == budgets[-1]]
+        store(name, rs, values[name])
         del trees
         print(f"[{time.time() - t_start:6.1f}s] {name} done", flush=True)
 
+    missing = [m for m in list(smc_methods) + list(dts_runs) if cached(m) is None]
+    if missing:
+        print(json.dumps({"incomplete": True, "missing": missing}))
+        return
     # --- headline numbers -----------------------------------------------------------------------------------
     top = budgets[-1]
     ref_is = mean_at(rows, "is", ref_budget, "energy")
