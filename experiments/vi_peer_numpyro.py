@@ -157,7 +157,7 @@ def main(argv=None):
     ap.add_argument("--out", default="results/vi_peer_numpyro")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    steps, samples, m = (800, 4, 10000) if args.quick else (5000, 8, 200000)
+    steps, samples, m = (1500, 4, 10000) if args.quick else (5000, 8, 200000)
     global SEEDS
     SEEDS = 3 if args.quick else 10
     x, y = make_data(jax.random.key(0), 50, 3)
