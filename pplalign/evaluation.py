@@ -121,8 +121,9 @@ def exact_kl(target: Any, twist: Any, all_refs: Any, log_sigma: jax.Array, chunk
     The trajectories must be all of the support: Σ exp(log σ) = 1 and Σ q = 1 are checked."""
     log_sigma = jnp.asarray(log_sigma, jnp.float32)
     m = log_sigma.shape[0]
-    # target and twist go in as arguments, not closure constants: XLA constant-folded a closed-over all-zero
-    # MLP twist into NaN here (jax 0.11.2, CPU).
+    # target and twist go in as arguments (one executable per twist type, reused across twists), not as
+    # closure constants: a jit closing over an all-zero MLP twist once returned NaN here (jax 0.11.2, CPU;
+    # not reproduced since).
     parts = [
         _compiled_log_q(target, twist, jax.tree_util.tree_map(lambda a: a[i : i + chunk], all_refs))
         for i in range(0, m, chunk)
