@@ -51,7 +51,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     vocab, steps = (4, 4) if args.quick else (4, 6)
     beta = 0.5
-    num_steps = 250 if args.quick else 1500
+    num_steps = 300 if args.quick else 1500
     betas = [0.5] if args.quick else [0.1, 0.25, 0.5, 1.0, 2.0, 4.0]  # quick: the one β fitted above
     lm, reward, target = setup(vocab, steps, beta)
     family, theta0 = prefix_table_family(lm, init="base")
