@@ -1,13 +1,15 @@
 """pplalign: generation as Bayesian inference in reward-tilted targets σ ∝ p₀·exp(r/β)."""
 
-from . import distributed, metrics, resampling
+from . import distributed, islands, mcmc, metrics, resampling, static, tempered
 from .ancestral import ancestral_sample
 from .csmc import csmc
 from .distributed import particle_mesh
+from .islands import island_smc, many
 from .particles import Particles
 from .programs import Sequential, Tilted, Twist, tilt
 from .resampling import multinomial, residual, stratified, systematic
 from .smc import best_of_n, importance_sampling, smc
+from .tempered import tempered_smc, tempered_smc_with_info
 
 __all__ = [
     "Particles",
@@ -25,6 +27,14 @@ __all__ = [
     "systematic",
     "residual",
     "particle_mesh",
+    "tempered_smc",
+    "tempered_smc_with_info",
+    "island_smc",
+    "many",
+    "static",
+    "tempered",
+    "islands",
+    "mcmc",
     "metrics",
     "resampling",
     "distributed",
