@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import pplalign
-from pplalign import evaluation, twists
 from models import markov_twists
 from models.markov_lm import random_markov_lm
+from pplalign import evaluation, twists
 
 METHODS = ("ctl", "sixo", "dpg", "soft_rl")
 

@@ -7,8 +7,7 @@ import pytest
 
 import pplalign
 from models import markov_twists
-from models.markov_lm import random_markov_lm
-from models.markov_lm import ExactTwist
+from models.markov_lm import ExactTwist, random_markov_lm
 from pplalign import evaluation
 
 SEEDS = 40

@@ -8,7 +8,6 @@ import pytest
 import pplalign
 from models import markov_twists
 from models.markov_lm import random_markov_lm
-from models import markov_twists
 from pplalign import evaluation, twists
 
 STEPS = 60
