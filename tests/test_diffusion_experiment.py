@@ -21,5 +21,5 @@ def test_diffusion_digits_quick(tmp_path):
     for method, values in summary["class_tv"].items():
         assert all(0.0 <= v <= 1.0 for v in values), method
     results = json.loads((tmp_path / "results.json").read_text())
-    assert {r["method"] for r in results["rows"]} >= {"base", "data", "best_of_n", "fk_smc", "tds"}
+    assert {r["method"] for r in results["rows"]} >= {"data", "best_of_n", "fk_smc", "tds"}
     assert (tmp_path / "quality_vs_nfe.png").stat().st_size > 0

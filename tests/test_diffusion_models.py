@@ -34,14 +34,13 @@ def _samples(prog, key, n):
     return p.samples
 
 
-def test_ddim_over_exact_denoiser_and_learned_ring_reach_the_data(ring):
-    """Strided DDIM (η = 1, 20 of 100 steps) over the exact posterior-mean denoiser and over the shipped ring MLP:
-    energy distance to exact data within 5× the exact-vs-exact level. Both share one compile-able shape."""
+def test_ddim_over_learned_ring_reaches_the_data(ring):
+    """Strided DDIM (η = 1, 20 of 100 steps) over the shipped ring MLP: energy distance to exact data within 5×
+    the exact-vs-exact level. (The step's maths is checked pointwise below; the exact testbed has its own tests.)"""
     model, ref, null = ring
-    for name, den in [("exact", model.denoiser()), ("learned", load_denoiser("ring"))]:
-        x = _samples(ddim(den, model.betas, num_steps=20), jax.random.PRNGKey(0), N)
-        ed = float(pplalign.metrics.energy_distance(x, ref))
-        assert ed < 5 * null, (name, ed, null)
+    x = _samples(ddim(load_denoiser("ring"), model.betas, num_steps=20), jax.random.PRNGKey(0), N)
+    ed = float(pplalign.metrics.energy_distance(x, ref))
+    assert ed < 5 * null, (ed, null)
 
 
 def test_ddpm_step_is_the_gaussian_posterior(ring):
