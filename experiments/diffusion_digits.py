@@ -32,10 +32,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import pplalign
-from pplalign.guidance import tds
-from pplalign.potentials import fk_steering
 from models.diffusion.data import load_digits
 from models.diffusion.pretrained import classifier_reward, load_classifier, program
+from pplalign.guidance import tds
+from pplalign.potentials import fk_steering
 
 QUICK = dict(num_steps=10, budgets=(4,), num_samples=12, classes=(0, 2, 4, 6, 8))
 FULL = dict(num_steps=25, budgets=(1, 4, 16, 64), num_samples=128, classes=(0, 2, 4, 6, 8))

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import pplalign
+from models.gmm_diffusion import two_mode_problem
 from pplalign.guidance import reward_guidance, tds
 from pplalign.potentials import fk_steering
-from models.gmm_diffusion import two_mode_problem
 
 T = 20
 N = 3000

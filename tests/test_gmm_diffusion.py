@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import pplalign
-from pplalign.smc import run_smc
 from models.gmm_diffusion import GMMDiffusion, GMMState, QuadraticReward, ring_mixture, two_mode_problem, vp_betas
+from pplalign.smc import run_smc
 
 T = 30
 

@@ -18,7 +18,7 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
