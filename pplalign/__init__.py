@@ -1,11 +1,13 @@
 """pplalign: generation as Bayesian inference in reward-tilted targets σ ∝ p₀·exp(r/β)."""
 
-from . import distributed, islands, mcmc, metrics, resampling, static, tempered
+from . import distributed, guidance, islands, mcmc, metrics, potentials, resampling, static, tempered
 from .ancestral import ancestral_sample
 from .csmc import csmc
 from .distributed import particle_mesh
+from .guidance import reward_guidance, tds
 from .islands import island_smc, many
 from .particles import Particles
+from .potentials import fk_steering
 from .programs import Sequential, Tilted, Twist, tilt
 from .resampling import multinomial, residual, stratified, systematic
 from .smc import best_of_n, importance_sampling, smc
@@ -31,6 +33,11 @@ __all__ = [
     "tempered_smc_with_info",
     "island_smc",
     "many",
+    "fk_steering",
+    "tds",
+    "reward_guidance",
+    "potentials",
+    "guidance",
     "static",
     "tempered",
     "islands",
