@@ -1,6 +1,6 @@
 """pplalign: generation as Bayesian inference in reward-tilted targets σ ∝ p₀·exp(r/β)."""
 
-from . import distributed, guidance, islands, mcmc, metrics, potentials, resampling, static, tempered
+from . import distributed, evaluation, guidance, islands, mcmc, metrics, potentials, resampling, static, tempered, twists
 from .ancestral import ancestral_sample
 from .csmc import csmc
 from .distributed import particle_mesh
@@ -38,6 +38,8 @@ __all__ = [
     "reward_guidance",
     "potentials",
     "guidance",
+    "twists",
+    "evaluation",
     "static",
     "tempered",
     "islands",
