@@ -151,7 +151,7 @@ def _loss(model: Transformer, batch: Batch, heads: tuple):
 
 def train(task: str, out: str | Path, *, steps: int, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
           cfg: Optional[LMConfig] = None, save_every: int = 200, stop_after: Optional[int] = None,
-          progress: bool = True) -> tuple[Transformer, list[float]]:
+          progress: bool = True, init_from: Optional[str] = None) -> tuple[Transformer, list[float]]:
     """Train (or resume) and export the final model to ``out`` (config.json, tokenizer.json, params/).
 
     ``stop_after`` stops after that many steps *of this call* (to simulate an interruption in tests); the
@@ -165,6 +165,16 @@ def train(task: str, out: str | Path, *, steps: int, batch_size: int = 64, lr: f
     out = Path(out).resolve()
     model = Transformer(cfg, rngs=nnx.Rngs(seed), num_outputs=spec.num_outputs)
     graphdef, params = nnx.split(model, nnx.Param)
+    if init_from:  # start the trunk from a trained model (e.g. the PRM from the arithmetic LM); new head
+        from .checkpoint import load_model
+
+        source, _ = load_model(init_from)
+        src = nnx.to_pure_dict(nnx.state(source, nnx.Param))
+        dst = nnx.to_pure_dict(params)
+        for name in dst:
+            if name != "head":
+                dst[name] = src[name]
+        nnx.replace_by_pure_dict(params, dst)
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, max(steps // 10, 1)), steps, lr / 20)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
     opt_state = opt.init(params)
@@ -217,8 +227,10 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-every", type=int, default=200)
+    ap.add_argument("--init-from", default=None, help="checkpoint whose trunk initialises the model (not its head)")
     a = ap.parse_args(argv)
-    _, losses = train(a.task, a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, save_every=a.save_every)
+    _, losses = train(a.task, a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, save_every=a.save_every,
+                      init_from=a.init_from)
     print(json.dumps({"task": a.task, "final_loss": float(np.mean(losses[-50:])) if losses else None}))
 
 
