@@ -1,6 +1,6 @@
 """pplalign: generation as Bayesian inference in reward-tilted targets σ ∝ p₀·exp(r/β)."""
 
-from . import distributed, evaluation, guidance, islands, mcmc, metrics, potentials, resampling, static, tempered, twists
+from . import distributed, evaluation, guidance, islands, mcmc, metrics, potentials, resampling, static, tempered, twists, vi
 from .ancestral import ancestral_sample
 from .csmc import csmc
 from .distributed import particle_mesh
@@ -39,6 +39,7 @@ __all__ = [
     "potentials",
     "guidance",
     "twists",
+    "vi",
     "evaluation",
     "static",
     "tempered",

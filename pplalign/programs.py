@@ -20,6 +20,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["Sequential", "Twist", "Tilted", "tilt", "is_sequential", "validate_beta"]
 
@@ -64,12 +65,15 @@ def is_sequential(obj: Any) -> bool:
 
 def validate_beta(beta: Any) -> None:
     """β must be a finite positive number (checked when concrete; traced β is checked by the caller)."""
-    if isinstance(beta, jax.core.Tracer):
+    if isinstance(beta, (int, float)) and not isinstance(beta, bool):
+        value = float(beta)
+    elif isinstance(beta, jax.core.Tracer):
         return
-    arr = jnp.asarray(beta)
-    if arr.ndim != 0:
-        raise ValueError(f"beta must be a scalar per target (vmap over targets for many β); got shape {arr.shape}")
-    value = float(arr)
+    else:
+        arr = np.asarray(beta)
+        if arr.ndim != 0:
+            raise ValueError(f"beta must be a scalar per target (vmap over targets for many β); got shape {arr.shape}")
+        value = float(arr)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"beta must be finite and > 0 (the KL coefficient); got {value}")
 

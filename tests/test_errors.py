@@ -121,3 +121,13 @@ def test_reward_that_is_not_scalar(markov):
 def test_csmc_reference_shape(target):
     with pytest.raises(ValueError, match="leading axis T"):
         pplalign.csmc(jax.random.PRNGKey(0), target, 4, jnp.zeros((3,), jnp.int32))
+
+
+def test_tilt_with_python_beta_inside_a_callers_jit(markov):
+    lm, reward, _ = markov
+
+    @jax.jit
+    def run(key):
+        return pplalign.smc(key, pplalign.tilt(lm, reward, 0.5), 8).log_Z
+
+    assert np.isfinite(float(run(jax.random.PRNGKey(0))))
