@@ -182,7 +182,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.quick:
-        args.problems, args.budgets = 4, [4]
+        args.problems, args.budgets = 3, [2]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = run(args)
