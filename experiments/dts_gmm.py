@@ -314,7 +314,7 @@ def main(argv=None):
         return
     # --- headline numbers -----------------------------------------------------------------------------------
     top = max(r["budget"] for r in rows if r["method"] == "dts_consistent")
-    top_of = lambda m: max(r["budget"] for r in rows if r["method"] == m)  # each method at its own largest budget
+    top_of = lambda m: max((r["budget"] for r in rows if r["method"] == m), default=None)  # each at its own largest budget
     ref_is = mean_at(rows, "is", ref_budget, "energy")
     ref_smc = mean_at(rows, "fk_smc", ref_budget, "energy")
     match_is = first_match(rows, "dts_consistent", ref_is)
