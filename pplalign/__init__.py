@@ -1,6 +1,6 @@
 """pplalign: generation as Bayesian inference in reward-tilted targets σ ∝ p₀·exp(r/β)."""
 
-from . import distributed, evaluation, guidance, islands, mcmc, metrics, potentials, resampling, static, tempered, twists, vi
+from . import distributed, evaluation, guidance, islands, mcmc, metrics, potentials, resampling, search, static, tempered, twists, vi
 from .ancestral import ancestral_sample
 from .csmc import csmc
 from .distributed import particle_mesh
@@ -10,6 +10,7 @@ from .particles import Particles
 from .potentials import fk_steering
 from .programs import Sequential, Tilted, Twist, tilt
 from .resampling import multinomial, residual, stratified, systematic
+from .search import dts
 from .smc import best_of_n, importance_sampling, smc
 from .tempered import tempered_smc, tempered_smc_with_info
 
@@ -23,6 +24,8 @@ __all__ = [
     "csmc",
     "importance_sampling",
     "best_of_n",
+    "dts",
+    "search",
     "ancestral_sample",
     "multinomial",
     "stratified",
