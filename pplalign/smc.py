@@ -19,7 +19,6 @@ log-mean-exp of the final carried weights. Ẑ is unbiased for Z for any ESS rul
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -28,6 +27,8 @@ import numpyro.distributions as dist
 
 from . import resampling as resampling_lib
 from ._filter_jit import filter_jit
+from ._numerics import log_mean_exp_safe as _log_mean_exp
+from ._numerics import sanitize_log
 from .distributed import check_mesh, constrain_particles
 from .particles import Particles, raise_on_nonfinite
 from .programs import Tilted, is_sequential, validate_beta
@@ -60,15 +61,8 @@ def _categorical_log_probs(d: Any) -> jax.Array:
 
 def _sanitize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Map NaN and +inf to −inf (zero weight) and say whether any were seen."""
-    x = jnp.asarray(x, dtype=jnp.float32)
-    bad = jnp.isnan(x) | (x == jnp.inf)
-    return jnp.where(bad, -jnp.inf, x), jnp.any(bad)
-
-
-def _log_mean_exp(x: jax.Array) -> jax.Array:
-    m = jnp.max(x)
-    safe = jnp.where(jnp.isfinite(m), m, 0.0)
-    return jnp.log(jnp.sum(jnp.exp(x - safe))) + safe - math.log(x.shape[0])
+    x, bad = sanitize_log(x)
+    return x, jnp.any(bad)
 
 
 def ess_of(log_weights: jax.Array) -> jax.Array:

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 
 from ._filter_jit import filter_jit
+from ._numerics import log_mean_exp_safe as log_mean_exp
+from ._numerics import sanitize_log as _sanitize
 from .distributed import check_mesh, constrain_particles
 from .particles import Particles, raise_on_nonfinite
 from .programs import validate_beta
@@ -119,13 +121,6 @@ def _name(obj: Any) -> str:
         if n:
             return n
     return type(obj).__name__
-
-
-def _sanitize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """NaN and +inf become −inf (zero weight); also say whether any were seen."""
-    x = jnp.asarray(x, jnp.float32)
-    bad = jnp.isnan(x) | (x == jnp.inf)
-    return jnp.where(bad, -jnp.inf, x), bad
 
 
 # --- genjax -----------------------------------------------------------------------------------------
@@ -428,12 +423,6 @@ def _check_proposal_covers(target: StaticTilted, proposal: Any) -> None:
                 f"proposal {_name(proposal)!r} does not draw the target's latent address {_fmt(path)!r}; "
                 f"it draws {sorted(_fmt(p) for p in have)}"
             )
-
-
-def log_mean_exp(x: jax.Array) -> jax.Array:
-    m = jnp.max(x)
-    safe = jnp.where(jnp.isfinite(m), m, 0.0)
-    return jnp.log(jnp.sum(jnp.exp(x - safe))) + safe - jnp.log(jnp.asarray(x.shape[0], jnp.float32))
 
 
 def _run_is(key, target: StaticTilted, num_particles: int, proposal, mesh):

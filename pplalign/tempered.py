@@ -44,10 +44,11 @@ from jax.flatten_util import ravel_pytree
 from . import mcmc as mcmc_lib
 from . import resampling as resampling_lib
 from ._filter_jit import filter_jit
+from ._numerics import log_mean_exp_safe as _lme
+from ._numerics import logsumexp_safe as _logsumexp
 from .distributed import constrain_particles
 from .particles import Particles, raise_on_nonfinite
 from .static import StaticTilted, check_static_inputs
-from .static import log_mean_exp as _lme
 
 __all__ = ["tempered_smc", "tempered_smc_with_info", "TemperedInfo", "run_tempered"]
 
@@ -75,12 +76,6 @@ class _Carry(NamedTuple):
     multipliers: jax.Array
     nonfinite: jax.Array
     dead: jax.Array
-
-
-def _logsumexp(x):
-    m = jnp.max(x)
-    safe = jnp.where(jnp.isfinite(m), m, 0.0)
-    return jnp.log(jnp.sum(jnp.exp(x - safe))) + safe
 
 
 def _ess(log_w):

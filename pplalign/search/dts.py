@@ -43,13 +43,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .._filter_jit import filter_jit
+from .._numerics import sanitize_log as _sanitize
 from ..particles import Particles
 from ..programs import Tilted, is_sequential, validate_beta
 from . import tree as tree_lib
@@ -93,12 +94,6 @@ def nodes_needed(num_steps: int, num_iterations: int) -> int:
     """Worst-case nodes for ``num_iterations`` iterations: the root plus T + 1 new nodes per iteration
     (an expansion at the root adds an initial state and T stepped states)."""
     return 1 + num_iterations * (num_steps + 1)
-
-
-def _sanitize(x):
-    x = jnp.asarray(x, jnp.float32)
-    bad = jnp.isnan(x) | (x == jnp.inf)
-    return jnp.where(bad, -jnp.inf, x), bad
 
 
 def _scalar(value, what: str):
