@@ -71,71 +71,69 @@ def _prefix_codes(x: jax.Array, vocab_size: int) -> jax.Array:
     return jnp.moveaxis(codes, 0, -1)
 
 
+def _chosen_log_probs(logits: jax.Array, x: jax.Array) -> jax.Array:
+    """log softmax(logits)[…, t, x_t]: [n, T, V] logits and [n, T] tokens → [n, T]."""
+    return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), x[..., None], axis=-1)[..., 0]
+
+
+class _TokenSequence:
+    """The parts every family here shares: a :class:`PrefixState` of drawn tokens, output = the tokens, and
+    log q(x) = Σ_t log q(x_t | x_{<t}) from the subclass's ``token_log_probs`` (teacher forcing)."""
+
+    num_steps: int
+    vocab_size: int
+
+    def init(self, key):
+        del key
+        return _init_state(self.num_steps)
+
+    def update(self, state, x_t, t):
+        return _update(state, x_t, t, self.vocab_size)
+
+    def output(self, state):
+        return state.tokens
+
+    def log_prob(self, x):
+        return jnp.sum(self.token_log_probs(x), axis=-1)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class PrefixTable:
+class PrefixTable(_TokenSequence):
     """Sequential program with a logit row per prefix: rows [offset_t + code(x_{<t})], offset_t = Σ_{s<t} V^s."""
 
     logits: jax.Array  # [Σ_t V^t, V]
     num_steps: int = dataclasses.field(metadata=dict(static=True))
     vocab_size: int = dataclasses.field(metadata=dict(static=True))
 
-    def init(self, key):
-        del key
-        return _init_state(self.num_steps)
-
     def transition(self, state, t):
         offsets = jnp.asarray(_offsets(self.vocab_size, self.num_steps)[:-1], jnp.int32)
         return dist.CategoricalLogits(self.logits[offsets[t] + state.code])
-
-    def update(self, state, x_t, t):
-        return _update(state, x_t, t, self.vocab_size)
-
-    def output(self, state):
-        return state.tokens
 
     def token_log_probs(self, x):
         x = jnp.asarray(x, jnp.int32)
         offsets = jnp.asarray(_offsets(self.vocab_size, self.num_steps)[:-1], jnp.int32)
         rows = offsets + _prefix_codes(x, self.vocab_size)  # [n, T]
-        logp = jax.nn.log_softmax(self.logits[rows], axis=-1)  # [n, T, V]
-        return jnp.take_along_axis(logp, x[..., None], axis=-1)[..., 0]
-
-    def log_prob(self, x):
-        return jnp.sum(self.token_log_probs(x), axis=-1)
+        return _chosen_log_probs(self.logits[rows], x)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class MarkovTable:
+class MarkovTable(_TokenSequence):
     """q(x_t | x_{t−1}, t): logits [T, V+1, V]; row V is the start (t = 0)."""
 
     logits: jax.Array
     num_steps: int = dataclasses.field(metadata=dict(static=True))
     vocab_size: int = dataclasses.field(metadata=dict(static=True))
 
-    def init(self, key):
-        del key
-        return _init_state(self.num_steps)
-
     def transition(self, state, t):
         row = jnp.where(state.last < 0, self.vocab_size, state.last)
         return dist.CategoricalLogits(self.logits[t, row])
 
-    def update(self, state, x_t, t):
-        return _update(state, x_t, t, self.vocab_size)
-
-    def output(self, state):
-        return state.tokens
-
     def token_log_probs(self, x):
         x = jnp.asarray(x, jnp.int32)
         prev = jnp.concatenate([jnp.full(x.shape[:-1] + (1,), self.vocab_size), x[..., :-1]], axis=-1)
-        logp = jax.nn.log_softmax(self.logits[jnp.arange(self.num_steps), prev], axis=-1)
-        return jnp.take_along_axis(logp, x[..., None], axis=-1)[..., 0]
-
-    def log_prob(self, x):
-        return jnp.sum(self.token_log_probs(x), axis=-1)
+        return _chosen_log_probs(self.logits[jnp.arange(self.num_steps), prev], x)
 
 
 class MLPNet(nnx.Module):
@@ -154,7 +152,7 @@ class MLPNet(nnx.Module):
         return self.out(jnp.tanh(self.hidden(feats)))
 
 
-class MLPProgram:
+class MLPProgram(_TokenSequence):
     """The Sequential program of an :class:`MLPNet` (the network is closed over, not vmapped)."""
 
     def __init__(self, net: MLPNet):
@@ -162,28 +160,14 @@ class MLPProgram:
         self.num_steps = net.num_steps
         self.vocab_size = net.vocab_size
 
-    def init(self, key):
-        del key
-        return _init_state(self.num_steps)
-
     def transition(self, state, t):
         return dist.CategoricalLogits(self.net(state.tokens, t))
-
-    def update(self, state, x_t, t):
-        return _update(state, x_t, t, self.vocab_size)
-
-    def output(self, state):
-        return state.tokens
 
     def token_log_probs(self, x):
         x = jnp.asarray(x, jnp.int32)
         ts = jnp.arange(self.num_steps)
         logits = jax.vmap(lambda seq: jax.vmap(lambda t: self.net(seq, t))(ts))(x)  # teacher forcing
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return jnp.take_along_axis(logp, x[..., None], axis=-1)[..., 0]
-
-    def log_prob(self, x):
-        return jnp.sum(self.token_log_probs(x), axis=-1)
+        return _chosen_log_probs(logits, x)
 
 
 # --- families (build + initial parameters) -----------------------------------------------------------

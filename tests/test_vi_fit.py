@@ -14,7 +14,7 @@ import pytest
 
 import pplalign
 from models.markov_lm import TableReward, random_markov_lm
-from models.markov_vi import PrefixTable, prefix_table_family
+from models.markov_vi import prefix_table_family
 from pplalign import vi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
