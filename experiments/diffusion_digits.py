@@ -12,8 +12,11 @@ its weight — and measure, against the real digits of C:
 * the mean reward and the fraction of samples classified in C.
 
 Methods: ``best_of_n`` (``pplalign.best_of_n``), ``fk_smc`` (Feynman–Kac steering, difference potential on
-r(x̂_0), ``pplalign.potentials.fk_steering``), ``tds`` (twisted diffusion sampler, ``pplalign.guidance.tds``).
-NFE is per produced sample, as each sampler counts it (TDS: 2 per particle-step).
+r(x̂_0), ``pplalign.potentials.fk_steering``), ``tds`` (twisted diffusion sampler, ``pplalign.guidance.tds``),
+and ``dts_star`` (DTS*, Jain et al. 2025: a UCT tree search of n iterations per produced sample, whose output is
+the greedy leaf, ``pplalign.search``; a maximiser, so it is compared with best-of-N on reward, not on σ).
+NFE is per produced sample, as each sampler counts it (TDS: 2 per particle-step; DTS*: the tree's transitions,
+at most n·K).
 
 Run: ``python -m experiments.diffusion_digits [--quick] [--out DIR]``; writes results.json and quality_vs_nfe.png,
 prints one JSON line last.
@@ -34,16 +37,29 @@ from tqdm.auto import tqdm
 import pplalign
 from models.diffusion.data import load_digits
 from models.diffusion.pretrained import classifier_reward, load_classifier, program
+from pplalign import search
 from pplalign.guidance import tds
 from pplalign.potentials import fk_steering
+from pplalign.search.dts import leaf_outputs
 
 QUICK = dict(num_steps=10, budgets=(4,), num_samples=12, classes=(0, 2, 4, 6, 8))
 FULL = dict(num_steps=25, budgets=(1, 4, 16, 64), num_samples=128, classes=(0, 2, 4, 6, 8))
-METHODS = ("best_of_n", "fk_smc", "tds")
+METHODS = ("best_of_n", "fk_smc", "tds", "dts_star")
 
 
 def _one_sample(method: str, target, n: int):
     """key -> (one sample, nfe) from an independent run of ``method`` with n particles."""
+
+    if method == "dts_star":
+        config = search.DTSConfig(greedy=True)
+        capacity = search.nodes_needed(target.num_steps, n)
+
+        def run_tree(key):
+            tree = search.run_loop(key, search.init(target, capacity), target, n, config, None)
+            leaf = search.sample_leaves(key, tree, target.num_steps, 1, True)
+            return leaf_outputs(target, tree, leaf)[0], tree.nfe
+
+        return run_tree
 
     def run(key):
         k_run, k_pick = jax.random.split(key)
@@ -78,6 +94,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default="results/diffusion_digits")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated subset to run; the other methods' rows are kept from OUT/results.json")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     os.makedirs(args.out, exist_ok=True)
@@ -107,10 +125,22 @@ def main(argv=None) -> dict:
     rows.append(dict(method="data", n=0, nfe_per_sample=0, **evaluate(ref[floor_idx], clf, ref_features, ref_freq, reward)))
 
     jobs = [(m, n) for m in METHODS for n in cfg["budgets"]]
+    wanted = set(METHODS) if args.methods is None else set(args.methods.split(","))
+    if wanted - set(METHODS):
+        raise ValueError(f"unknown methods {sorted(wanted - set(METHODS))}; choose from {METHODS}")
+    old_path = os.path.join(args.out, "results.json")
+    if wanted != set(METHODS) and os.path.exists(old_path):
+        old = json.load(open(old_path))
+        if old["config"] == {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}:
+            rows.extend(r for r in old["rows"] if r["method"] in set(METHODS) - wanted)
     for i, (method, n) in enumerate(tqdm(jobs, desc="methods × budgets")):
+        if method not in wanted:
+            continue
         keys = jax.random.split(jax.random.fold_in(key, i), cfg["num_samples"])
         samples, nfe = jax.jit(jax.vmap(_one_sample(method, target, n)))(keys)
-        rows.append(dict(method=method, n=n, nfe_per_sample=int(nfe[0]), **evaluate(samples, clf, ref_features, ref_freq, reward)))
+        # mean over the produced samples (a DTS* tree's NFE depends on where it widened; the others' is fixed)
+        rows.append(dict(method=method, n=n, nfe_per_sample=int(round(float(np.mean(nfe)))),
+                         **evaluate(samples, clf, ref_features, ref_freq, reward)))
 
     results = dict(config={k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}, rows=rows,
                    seconds=time.time() - start)
@@ -121,6 +151,7 @@ def main(argv=None) -> dict:
         "frechet": {m: [r["frechet"] for r in rows if r["method"] == m] for m in METHODS},
         "class_tv": {m: [r["class_tv"] for r in rows if r["method"] == m] for m in METHODS},
         "nfe": {m: [r["nfe_per_sample"] for r in rows if r["method"] == m] for m in METHODS},
+        "mean_reward": {m: [r["mean_reward"] for r in rows if r["method"] == m] for m in METHODS},
         "base": {k: r[k] for r in rows if r["method"] == "base" for k in ("frechet", "class_tv", "in_class")},
         "data_floor": {k: r[k] for r in rows if r["method"] == "data" for k in ("frechet", "class_tv")},
         "seconds": round(results["seconds"], 1),
@@ -135,8 +166,10 @@ def _plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in [(axes[0], "frechet", "Fréchet distance (classifier features)"), (axes[1], "class_tv", "class-frequency TV")]:
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = [(axes[0], "frechet", "Fréchet distance (classifier features)"), (axes[1], "class_tv", "class-frequency TV"),
+              (axes[2], "mean_reward", "mean reward log p(C | x)  (DTS*: greedy output)")]
+    for ax, key, label in panels:
         for m in METHODS:
             pts = [(r["nfe_per_sample"], r[key]) for r in rows if r["method"] == m]
             ax.plot(*zip(*pts), marker="o", label=m)

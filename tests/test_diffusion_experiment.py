@@ -16,7 +16,10 @@ def test_diffusion_digits_quick(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(summary["frechet"]) == {"best_of_n", "fk_smc", "tds"}
+    assert set(summary["frechet"]) == {"best_of_n", "fk_smc", "tds", "dts_star"}
+    # DTS* spends at most one transition per iteration-step, and its greedy output is a real sample
+    assert 0 < summary["nfe"]["dts_star"][0] <= summary["nfe"]["best_of_n"][0]
+    assert all(v <= 0.0 for v in summary["mean_reward"]["dts_star"])
     assert summary["nfe"]["tds"][0] == 2 * summary["nfe"]["fk_smc"][0] == 2 * summary["nfe"]["best_of_n"][0]
     for method, values in summary["class_tv"].items():
         assert all(0.0 <= v <= 1.0 for v in values), method

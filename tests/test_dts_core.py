@@ -204,6 +204,52 @@ def test_consistent_dts_samples_converge_to_sigma(target):
     assert abs(float(particles.log_Z) - log_z) < 0.15
 
 
+def prefix_twist(state, t):
+    """A deliberately rough guide, log ψ̃ = 1.2·(ones so far) − 0.8·(zeros so far): ranks prefixes, is not the
+    soft value, and falls along some paths (so the roulette thins internal nodes too)."""
+    tokens, last = state
+    seen = jnp.arange(T) <= t
+    ones = jnp.sum(jnp.where(seen, tokens, 0))
+    return (1.2 * ones - 0.8 * (jnp.sum(seen) - ones)).astype(jnp.float32)
+
+
+def test_twisted_dts_root_value_is_unbiased_and_backup_exact(target):
+    """Twist-guided growth with Russian roulette: E[Ŵ_root] = Z (each survivor carries 1/p), and every
+    internal value is log-mean-exp(children) − log p_n."""
+    _, log_z = exact_posterior()
+    cfg = DTSConfig("twisted")
+    tree = search.init(target, CAPACITY)
+    keys = jax.random.split(jax.random.PRNGKey(12), 400)
+    runs = jax.jit(jax.vmap(lambda k: search.run_loop(k, tree, target, 12, cfg, prefix_twist)))(keys)
+    assert np.any(np.asarray(runs.log_survival) == -np.inf) and np.any(np.asarray(runs.log_survival) < -0.1)
+    w = np.exp(np.asarray(runs.log_value[:, 0], np.float64))
+    ratio, se = w.mean() / math.exp(log_z), w.std(ddof=1) / math.sqrt(w.size) / math.exp(log_z)
+    assert abs(ratio - 1.0) < 4 * se + 1e-3, (ratio, se)
+    # the trees' pooled leaf measures μ_k(ℓ) = exp(r_ℓ/β)∏_a 1/(m_a p_a) (what descending ∝ Ŵ_c samples from,
+    # tree k weighted by Ŵ_root,k, as islands are combined) estimate p₀·exp(r/β) without bias: their sum → σ
+    nr = jax.tree_util.tree_map(np.asarray, runs)
+    mass = np.zeros(V**T)
+    for k in range(w.size):
+        n = int(nr.num_nodes[k])
+        for leaf in np.nonzero((nr.level[k, :n] == T + 1) & (nr.log_survival[k, :n] > -np.inf))[0]:
+            lw, a = float(nr.log_value[k, leaf]), nr.parent[k, leaf]
+            while a != -1:
+                lw -= math.log(nr.num_children[k, a]) + float(nr.log_survival[k, a])
+                a = nr.parent[k, a]
+            mass[code_of(nr.states[0][k, leaf])] += math.exp(lw)
+    post, _ = exact_posterior()
+    assert 0.5 * np.abs(mass / mass.sum() - post).sum() < 0.05, 0.5 * np.abs(mass / mass.sum() - post).sum()
+    one = jax.tree_util.tree_map(lambda a: np.asarray(a[0]), runs)
+    n = int(one.num_nodes)
+    for node in range(1, n):
+        kids = np.nonzero(one.parent[:n] == node)[0]
+        if one.log_survival[node] == -np.inf:
+            assert kids.size == 0 and one.log_value[node] == -np.inf
+        elif one.level[node] <= T:
+            expect = np.logaddexp.reduce(one.log_value[kids]) - math.log(len(kids)) - one.log_survival[node]
+            assert one.log_value[node] == expect if expect == -np.inf else abs(one.log_value[node] - expect) < 1e-5
+
+
 def test_greedy_dts_star_finds_the_best_sequence(target):
     particles, _ = search.dts(jax.random.PRNGKey(0), target, 200, capacity=CAPACITY, greedy=True)
     assert particles.samples.shape == (1, T)

@@ -63,6 +63,11 @@ def load_tree(path: str, config: DTSConfig, target: Any) -> tuple[Tree, jax.Arra
         treedef = jax.tree_util.tree_structure(template.states)
         n_leaves = treedef.num_leaves
         states = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(data[f"state_{i}"]) for i in range(n_leaves)])
-        fields = {name: jnp.asarray(data[name]) for name in Tree._fields if name != "states"}
+        # log_survival came with the "twisted" variant: an older checkpoint has none (no roulette: all 0)
+        fields = {
+            name: jnp.asarray(data[name]) if name in data.files else jnp.zeros((capacity,), jnp.float32)
+            for name in Tree._fields
+            if name != "states"
+        }
         key = jnp.asarray(data["key"])
     return Tree(states=states, **fields), key

@@ -28,6 +28,25 @@ Selection rules (``variant``):
   i.i.d. p₀ draw whose estimate is (inductively) unbiased, and Ŵ_n is an *unbiased* estimate of ψ(x_n):
   E[Ŵ_root] = Z exactly. The tree's tilted leaf measure Σ_ℓ exp(r_ℓ/β) ∏_{a<ℓ} (1/m_a) is then a nested
   importance sampler of σ, consistent as the tree grows (every m_a → ∞ under progressive widening).
+* ``"twisted"`` — value-blind growth that uses a twist ψ̃ (``twist=``, a guess of the soft value: the
+  reward of the denoised mean, the exact soft value on a testbed, or one fitted on earlier trees) twice:
+  Boltzmann selection ∝ ψ̃(x_c) among the live children, and **Russian roulette** in the rollouts: a new
+  node c below level 1 survives with probability p_c = min(1, ψ̃(x_c)/ρ_parent), where the reference ρ of a
+  path is ψ̃ at its level-1 node times the survival probabilities so far (a weight window, so that a path
+  which dips and recovers is not thinned twice; ψ̃ = exp(r/β) at a leaf). A killed node has value 0, no
+  children, and ends the rollout early (saving the rest of its NFE); a survivor's value carries 1/p_c:
+
+      Ŵ_n = (1/(m_n·p_n)) Σ_{c live} Ŵ_c        (p_n = 1 for nodes the roulette did not touch).
+
+  Why this stays unbiased: p_c is a function of the states on c's own path, and an iteration reaching a node
+  whose children are all dead stops there (counted as a visit, no NFE) rather than widening because of it,
+  so m_n still never depends on n's descendants. Given x_c and everything outside c's subtree,
+  E[1{c survives}·Ŵ_c/p_c] = p_c·ψ(x_c)/p_c = ψ(x_c), and by induction E[Ŵ_n | x_n] = ψ(x_n),
+  E[Ŵ_root] = Z. The tree's leaf measure exp(r_ℓ/β)∏_a 1/(m_a p_a) (which :func:`sample_tree` draws from) is
+  therefore an unbiased random measure for p₀·exp(r/β); pooling independent trees k with weights ∝ Ŵ_root,k
+  (as islands of SMC are combined) is consistent as the number of trees grows. ψ̃ only moves the variance.
+  Measured caveat (docs/dts.md): without splitting, paths whose ψ̃ rises keep weights above the window, so
+  even with the exact soft value the tree's leaf ESS stays small on a sharp target.
 * DTS* (``greedy=True``): UCT selection argmax_c log Ŵ_c + c_uct·√(log N_n / N_c) and, for the output,
   greedy descent argmax_c log Ŵ_c (a mode-seeking search for high reward).
 
@@ -58,14 +77,14 @@ from .tree import NO_NODE, ROOT, Tree
 
 __all__ = ["DTSConfig", "init", "step", "run", "sample_tree", "greedy_leaf", "dts", "nodes_needed", "check_stochastic"]
 
-VARIANTS = ("published", "consistent")
+VARIANTS = ("published", "consistent", "twisted")
 
 
 @dataclasses.dataclass(frozen=True)
 class DTSConfig:
     """Static configuration (hashable; part of the compile key and of a checkpoint's fingerprint).
 
-    variant:        "published" or "consistent" (see the module docstring).
+    variant:        "published", "consistent" or "twisted" (see the module docstring).
     greedy:         DTS* (UCT selection, greedy output).
     widening_c, widening_alpha: progressive widening, widen while m_n < C·(N_n + 1)^α.
     uct_c:          exploration constant of DTS*'s UCT score (in units of log Ŵ, i.e. reward/β).
@@ -86,8 +105,8 @@ class DTSConfig:
             raise ValueError(f"widening_alpha must lie in (0, 1]; got {self.widening_alpha}")
         if not (self.uct_c >= 0 and math.isfinite(self.uct_c)):
             raise ValueError(f"uct_c must be finite and >= 0; got {self.uct_c}")
-        if self.greedy and self.variant == "consistent":
-            raise ValueError("greedy (DTS*) uses the tree's values to select; it has no 'consistent' variant")
+        if self.greedy and self.variant != "published":
+            raise ValueError(f"greedy (DTS*) uses the tree's values to select; it has no {self.variant!r} variant")
 
 
 def nodes_needed(num_steps: int, num_iterations: int) -> int:
@@ -121,26 +140,32 @@ def _choose(tree: Tree, node, key, config: DTSConfig):
         return tree_lib.gumbel_over_children(tree, node, key, score, noise=False)
     if config.variant == "consistent":
         return tree_lib.gumbel_over_children(tree, node, key, lambda c: tree.heuristic[c])
+    if config.variant == "twisted":  # Boltzmann on the twist among the children the roulette kept
+        power = 1.0
+        alive = lambda c: jnp.where(tree.log_survival[c] > -jnp.inf, power * tree.heuristic[c], -jnp.inf)
+        return tree_lib.gumbel_over_children(tree, node, key, alive)
     return tree_lib.select_child(tree, node, key)
 
 
 def _descend(tree: Tree, key, config: DTSConfig, leaf_level: int):
-    """Walk from the root to the node to widen; returns (node, expand?). Stops without expanding at a leaf."""
+    """Walk from the root to the node to widen; returns (node, expand?). Stops without expanding at a leaf,
+    and (variant "twisted") at a node that does not widen and whose children the roulette all killed."""
 
     def cond(c):
-        node, stop, _ = c
-        return ~stop
+        return ~c[1]
 
     def body(c):
-        node, _, depth = c
+        node, _, depth, _ = c
         at_leaf = tree.level[node] == leaf_level
         widen = (~at_leaf) & _widen(tree, node, config)
         child = _choose(tree, node, jax.random.fold_in(key, depth), config)
-        stop = at_leaf | widen | (child == NO_NODE)
-        return jnp.where(stop, node, child), stop, depth + 1
+        dead_end = (~at_leaf) & (~widen) & (child != NO_NODE) & (tree.log_survival[jnp.maximum(child, 0)] == -jnp.inf)
+        stop = at_leaf | widen | (child == NO_NODE) | dead_end
+        return jnp.where(stop, node, child), stop, depth + 1, dead_end
 
-    node, _, _ = jax.lax.while_loop(cond, body, (jnp.asarray(ROOT, jnp.int32), jnp.asarray(False), jnp.asarray(0)))
-    return node, tree.level[node] < leaf_level
+    init = (jnp.asarray(ROOT, jnp.int32), jnp.asarray(False), jnp.asarray(0), jnp.asarray(False))
+    node, _, _, dead_end = jax.lax.while_loop(cond, body, init)
+    return node, (tree.level[node] < leaf_level) & ~dead_end
 
 
 def _new_child(target: Tilted, twist, tree: Tree, node, level, key, config: DTSConfig):
@@ -149,7 +174,7 @@ def _new_child(target: Tilted, twist, tree: Tree, node, level, key, config: DTSC
     base = target.base
     num_steps = target.num_steps
     parent_state = jax.tree_util.tree_map(lambda buf: buf[node], tree.states)
-    use_twist = twist is not None and config.variant == "consistent" and not config.greedy
+    use_twist = twist is not None and config.variant in ("consistent", "twisted") and not config.greedy
 
     def from_init(_):
         return base.init(key), jnp.asarray(0, jnp.int32)
@@ -165,7 +190,11 @@ def _new_child(target: Tilted, twist, tree: Tree, node, level, key, config: DTSC
     reward, bad_r = _sanitize(_scalar(target.log_potential(base.output(state)), "reward"))
     leaf_value = jnp.where(is_leaf, reward, -jnp.inf)
     bad = is_leaf & bad_r
-    if use_twist:
+    if use_twist and config.variant == "twisted":  # scored at every level, t = −1 for the initial state
+        h, bad_h = _sanitize(_scalar(twist(state, t), "twist"))
+        h = jnp.where(is_leaf, reward, h)
+        bad = bad | (~is_leaf & bad_h)
+    elif use_twist:
         h, bad_h = _sanitize(_scalar(twist(state, jnp.maximum(t, 0)), "twist"))
         h = jnp.where(t < 0, 0.0, jnp.where(is_leaf, reward, h))
         bad = bad | ((t >= 0) & ~is_leaf & bad_h)
@@ -174,27 +203,63 @@ def _new_child(target: Tilted, twist, tree: Tree, node, level, key, config: DTSC
     return state, h, leaf_value, nfe, bad
 
 
-def _expand_and_rollout(target, twist, tree: Tree, node, key, config: DTSConfig, active=True):
-    """Add a child of ``node`` and roll out from it to a leaf, adding every state; returns (tree, leaf).
-    With ``active`` false nothing is added and ``node`` is returned."""
-    leaf_level = target.num_steps + 1
+def _path_reference(tree: Tree, node):
+    """log ρ_n = log ψ̃(x_{a_1}) + Σ_{a on the path, level ≥ 2, up to n} log p_a, where a_1 is n's level-1
+    ancestor: the roulette's reference level (a weight window: the path's contribution ψ̃(x)·∏ 1/p_a is kept at
+    or above ψ̃(x_{a_1}), so a path that dips and recovers is not thinned twice). Read-only walk up the path."""
 
     def cond(c):
-        _, _, level, _ = c
-        return active & (level < leaf_level)
+        return c[0] != NO_NODE
 
     def body(c):
-        tree, cur, level, i = c
-        state, h, leaf_value, nfe, bad = _new_child(target, twist, tree, cur, level, jax.random.fold_in(key, i), config)
+        a, acc = c
+        lvl = tree.level[a]
+        term = jnp.where(lvl >= 2, tree.log_survival[a], jnp.where(lvl == 1, tree.heuristic[a], 0.0))
+        return tree.parent[a], acc + term
+
+    return jax.lax.while_loop(cond, body, (node, jnp.zeros((), jnp.float32)))[1]
+
+
+def _expand_and_rollout(target, twist, tree: Tree, node, key, config: DTSConfig, active=True):
+    """Add a child of ``node`` and roll out from it to a leaf, adding every state; returns (tree, leaf).
+    With ``active`` false nothing is added and ``node`` is returned.
+
+    Variant "twisted": a new node c below level 1 survives with probability p_c = min(1, ψ̃(x_c)/ρ_parent)
+    (Russian roulette against the path's reference level ρ, see :func:`_path_reference`; at the leaf
+    ψ̃ = exp(r/β)); a killed node keeps value 0 and ends the rollout, a survivor carries the factor 1/p_c in its
+    value (``log_survival`` = log p_c) and passes ρ_c = ρ_parent·p_c on."""
+    leaf_level = target.num_steps + 1
+    roulette = config.variant == "twisted"
+
+    def cond(c):
+        _, _, level, _, alive, _ = c
+        return active & alive & (level < leaf_level)
+
+    def body(c):
+        tree, cur, level, i, _, ref_parent = c
+        k_child, k_roulette = jax.random.split(jax.random.fold_in(key, i))
+        state, h, leaf_value, nfe, bad = _new_child(target, twist, tree, cur, level, k_child, config)
         tree, idx = tree_lib.add_child(tree, cur, state, h, parent_level=level)
+        if roulette:
+            log_p = jnp.where(level >= 1, jnp.minimum(0.0, h - ref_parent), 0.0)
+            log_p = jnp.where(jnp.isnan(log_p), -jnp.inf, log_p)
+            ref = jnp.where(level >= 1, ref_parent + log_p, h)
+            alive = jnp.log(jax.random.uniform(k_roulette, minval=1e-38)) < log_p
+            log_survival = jnp.where(alive, log_p, -jnp.inf)
+            value = jnp.where(alive, leaf_value - log_p, -jnp.inf)
+            tree = tree._replace(log_survival=tree.log_survival.at[idx].set(log_survival))
+        else:
+            alive, value, ref = jnp.asarray(True), leaf_value, h
         tree = tree._replace(
-            log_value=tree.log_value.at[idx].set(leaf_value),
+            log_value=tree.log_value.at[idx].set(value),
             nfe=tree.nfe + nfe,
             nonfinite=tree.nonfinite | bad,
         )
-        return tree, idx, level + 1, i + 1
+        return tree, idx, level + 1, i + 1, alive, ref
 
-    tree, leaf, _, _ = jax.lax.while_loop(cond, body, (tree, node, tree.level[node], jnp.asarray(0)))
+    ref0 = _path_reference(tree, node) if roulette else jnp.zeros((), jnp.float32)
+    init = (tree, node, tree.level[node], jnp.asarray(0), jnp.asarray(True), ref0)
+    tree, leaf, _, _, _, _ = jax.lax.while_loop(cond, body, init)
     return tree, leaf
 
 
@@ -217,7 +282,9 @@ def _backup(tree: Tree, bottom, num_before, leaf_level: int) -> Tree:
         internal = tree.level[node] < leaf_level
         others = tree_lib.children_logsumexp(tree, node, exclude=child)
         m = jnp.maximum(tree.num_children[node], 1).astype(jnp.float32)
-        value = jnp.where(internal, jnp.logaddexp(others, child_value) - jnp.log(m), tree.log_value[node])
+        log_p = tree.log_survival[node]  # 0 unless the roulette of variant "twisted" ran; −inf: killed
+        mean = jnp.logaddexp(others, child_value) - jnp.log(m) - jnp.where(log_p > -jnp.inf, log_p, 0.0)
+        value = jnp.where(internal & (log_p > -jnp.inf), mean, tree.log_value[node])
         return tree.parent[node], node, value, i + 1, nodes.at[i].set(node), values.at[i].set(value)
 
     init = (
@@ -396,10 +463,12 @@ def dts(
       capacity: node capacity of a new tree; default :func:`nodes_needed` (T + 1 nodes per iteration).
       greedy: DTS* — UCT selection and one greedy output (argmax of the soft values at each level).
       num_samples: samples drawn from the tree for the returned ``Particles`` (no model evaluations).
-      variant: ``"published"`` (Boltzmann selection on the tree's values) or ``"consistent"`` (growth that
-        never reads the values: Boltzmann on ``twist`` or uniform; unbiased values, consistent samples).
-      twist: ``twist(state, t) -> log ψ̃`` guiding the consistent variant's growth (e.g. the reward of the
-        denoised mean over β); ignored by the others.
+      variant: ``"published"`` (Boltzmann selection on the tree's values), ``"consistent"`` (growth that
+        never reads the values: Boltzmann on ``twist`` or uniform; unbiased values, consistent samples) or
+        ``"twisted"`` (as consistent, plus Russian roulette on ``twist`` in the rollouts; unbiased).
+      twist: ``twist(state, t) -> log ψ̃`` guiding the consistent and twisted variants' growth (e.g. the reward
+        of the denoised mean over β); ignored by the others. The twisted variant also scores the initial state,
+        with t = −1 (without a twist it is uniform selection without roulette, i.e. ``"consistent"``).
       widening_c, widening_alpha: progressive widening m_n < C·(N_n + 1)^α.
       uct_c: DTS*'s exploration constant.
       tree: a tree from an earlier call (or :func:`pplalign.search.load_tree`) to continue.
