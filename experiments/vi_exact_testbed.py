@@ -16,7 +16,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -34,6 +33,11 @@ def setup(vocab: int, steps: int, beta: float):
 
 def summary(family, params, target):
     return {k: float(v) for k, v in vi.exact_summary(family, params, target).items()}
+
+
+# Reverse-KL fits (ELBO, KL-regularised RL; sequence REINFORCE): at the full size (V^T = 4096, 1365 prefix rows) a
+# step of 0.2 with 64 samples stalls at KL ≈ 0.21 nats; 256 samples at 0.05 reach 0.011 in the same 1500 steps.
+FIT_SETTINGS = {"quick": dict(num_samples=64, lr=0.2), "full": dict(num_samples=256, lr=0.05)}
 
 
 def run_fit(objective, params, num_steps, lr, key, out, name):
@@ -56,11 +60,13 @@ def main(argv=None):
     lm, reward, target = setup(vocab, steps, beta)
     family, theta0 = prefix_table_family(lm, init="base")
     key = jax.random.key(2)
-    result = {"vocab_size": vocab, "num_steps": steps, "beta": beta, "fit_steps": num_steps, "at_init": summary(family, theta0, target)}
+    result = {"vocab_size": vocab, "num_steps": steps, "beta": beta, "fit_steps": num_steps,
+              "fit_settings": FIT_SETTINGS["quick" if args.quick else "full"], "at_init": summary(family, theta0, target)}
 
     # ELBO (reverse KL), sequence-level REINFORCE with a leave-one-out baseline
-    fit = run_fit(vi.elbo(family, target, num_samples=64, estimator="sequence_reinforce"), theta0, num_steps, 0.2,
-                  jax.random.fold_in(key, 1), args.out, "elbo")
+    fit_cfg = FIT_SETTINGS["quick" if args.quick else "full"]
+    fit = run_fit(vi.elbo(family, target, num_samples=fit_cfg["num_samples"], estimator="sequence_reinforce"), theta0,
+                  num_steps, fit_cfg["lr"], jax.random.fold_in(key, 1), args.out, "elbo")
     s_elbo = summary(family, fit.params, target)
     result["elbo_fit"] = s_elbo
 
@@ -72,12 +78,12 @@ def main(argv=None):
     result["dpg_fit"] = s_dpg
 
     # pure reward maximisation vs KL-regularised RL at β
-    fit = run_fit(vi.reward_maximisation(family, target, num_samples=64), theta0, num_steps, 0.2,
+    fit = run_fit(vi.reward_maximisation(family, target, num_samples=fit_cfg["num_samples"]), theta0, num_steps, fit_cfg["lr"],
                   jax.random.fold_in(key, 3), args.out, "pure_rl")
     s_rl = summary(family, fit.params, target)
     result["pure_rl_fit"] = s_rl
-    fit = run_fit(vi.kl_regularised_rl(family, target, num_samples=64), theta0, num_steps, 0.2,
-                  jax.random.fold_in(key, 4), args.out, "kl_rl")
+    fit = run_fit(vi.kl_regularised_rl(family, target, num_samples=fit_cfg["num_samples"]), theta0, num_steps,
+                  fit_cfg["lr"], jax.random.fold_in(key, 4), args.out, "kl_rl")
     s_klrl = summary(family, fit.params, target)
     result["kl_rl_fit"] = s_klrl
 
@@ -87,8 +93,8 @@ def main(argv=None):
             sweep.append({"beta": b, **s_klrl})
             continue
         t_b = pplalign.tilt(lm, reward, b)
-        fit = run_fit(vi.kl_regularised_rl(family, t_b, num_samples=64), theta0, num_steps, 0.2,
-                      jax.random.fold_in(key, 10 + i), args.out, f"kl_rl_beta_{b:g}")
+        fit = run_fit(vi.kl_regularised_rl(family, t_b, num_samples=fit_cfg["num_samples"]), theta0, num_steps,
+                      fit_cfg["lr"], jax.random.fold_in(key, 10 + i), args.out, f"kl_rl_beta_{b:g}")
         s = summary(family, fit.params, t_b)
         sweep.append({"beta": b, **s})
     result["beta_sweep"] = sweep
