@@ -128,6 +128,7 @@ def load_model(path: str | Path, cfg: Optional[LMConfig] = None) -> tuple[Transf
     tokenizer = Tokenizer.load(path / "tokenizer.json")
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the configuration says vocab_size={cfg.vocab_size}")
-    model = Transformer(cfg, rngs=nnx.Rngs(0), num_outputs=num_outputs)
+    # built abstractly (shapes only, no random initialisation to compile), then filled from the checkpoint
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), num_outputs=num_outputs))
     load_params(model, path / "params")
     return model, tokenizer

@@ -15,7 +15,6 @@ arguments reaches bit-for-bit the parameters of an uninterrupted run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 from pathlib import Path

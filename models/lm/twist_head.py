@@ -25,10 +25,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .program import LMState
-from .tokenizer import EOS, PAD
+from .tokenizer import EOS
 from .transformer import Transformer
 
-__all__ = ["TwistHead", "HeadTwist", "head_arrays"]
+__all__ = ["TwistHead", "HeadTwist", "head_arrays", "head_loss", "fit_head", "save_head", "load_head"]
 
 
 class TwistHead(nnx.Module):
@@ -112,32 +112,104 @@ def head_loss(method: str, model: Transformer, head: TwistHead, prompt: jax.Arra
 
 
 def fit_head(key: jax.Array, program, head: TwistHead, reward, beta: float, *, method: str = "dpg",
-             steps: int = 100, batch: int = 64, lr: float = 1e-2, progress: bool = False):
+             steps: int = 100, batch: int = 64, lr: float = 1e-2, progress: bool = False,
+             checkpoint: Optional[str] = None, checkpoint_every: int = 50):
     """Train ``head`` (the LM frozen) on fresh p₀ samples each step; returns (head, losses [steps]).
 
-    Args: program — an ``LMProgram`` with one prompt; reward — r(tokens [T]); beta — the tilt temperature."""
-    import numpy as np
+    Step s draws ``batch`` sequences x ~ p₀(· | prompt) with key ``fold_in(key, s)`` and minimises
+    :func:`head_loss` with φ(x) = exp(r(x)/β), self-normalised over the batch as the σ-sample weights. The loop
+    is ``pplalign.twists.fit`` (one compiled step, optax Adam, tqdm progress bar); with ``checkpoint`` (an
+    ``.npz`` path) the head and optimiser state are saved every ``checkpoint_every`` steps and a call with the
+    same arguments resumes from there and reaches the same parameters as an uninterrupted run.
+
+    Args: program — an ``LMProgram`` with one prompt; reward — r(tokens [T]) → []; beta — the tilt temperature.
+    """
     import optax
-    from tqdm.auto import tqdm
 
-    from .program import ancestral_sample
+    from pplalign import twists
 
+    from .program import _ancestral_impl
+
+    if method not in ("ctl", "sixo", "dpg", "soft_rl", "fudge"):
+        raise ValueError(f"unknown twist loss {method!r}; choose ctl, sixo, dpg, soft_rl or fudge")
+    if not (isinstance(steps, int) and steps >= 0 and isinstance(batch, int) and batch >= 2):
+        raise ValueError(f"steps must be an int >= 0 and batch an int >= 2; got steps={steps!r}, batch={batch!r}")
+    if not float(beta) > 0:
+        raise ValueError(f"beta must be > 0; got {beta}")
     prompt = program.prompt.tokens[: int(program.prompt.length)]
     graphdef, params = nnx.split(head, nnx.Param)
-    opt = optax.adam(lr)
-    opt_state = opt.init(params)
 
-    @jax.jit
-    def update(params, opt_state, tokens):
+    def loss_fn(params, key):
+        tokens, _ = _ancestral_impl(key, program, batch)
         log_phi = jax.vmap(reward)(tokens) / beta
-        loss_fn = lambda p: head_loss(method, program.model, nnx.merge(graphdef, p), prompt, tokens, log_phi)
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        if log_phi.shape != (batch,):
+            raise ValueError(f"the reward must return a scalar per sequence; got shape {log_phi.shape[1:]}")
+        return head_loss(method, program.model, nnx.merge(graphdef, params), prompt, tokens, log_phi)
 
-    losses = []
-    for k in tqdm(range(steps), desc=f"twist head ({method})", disable=not progress):
-        tokens, _ = ancestral_sample(jax.random.fold_in(key, k), program, batch)
-        params, opt_state, loss = update(params, opt_state, tokens)
-        losses.append(float(loss))
-    return nnx.merge(graphdef, params), np.asarray(losses)
+    params, losses = twists.fit(loss_fn, params, key, steps, optimizer=optax.adam(lr), checkpoint=checkpoint,
+                                checkpoint_every=checkpoint_every, progress=progress, description=f"twist head ({method})")
+    return nnx.merge(graphdef, params), losses
+
+
+def save_head(path, head: TwistHead, meta: dict) -> None:
+    """Write ``head.npz`` (the parameters) and ``head.json`` (``d_model``, ``vocab_size``, ``hidden`` and
+    whatever ``meta`` adds: task, loss, β, training log) into the directory ``path``."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    first = head.hidden_layer if head.hidden_layer is not None else head.out
+    hidden = head.hidden_layer.kernel.shape[1] if head.hidden_layer is not None else 0
+    info = dict(meta, d_model=int(first.kernel.shape[0]), vocab_size=int(head.out.kernel.shape[1]), hidden=int(hidden))
+    flat = _flat_params(head)
+    tmp = path / "head.tmp.npz"
+    np.savez(tmp, **{k: np.asarray(v) for k, v in flat.items()})
+    tmp.replace(path / "head.npz")
+    (path / "head.json").write_text(json.dumps(info, indent=1))
+
+
+def _flat_params(head: TwistHead) -> dict:
+    from .checkpoint import _flat_leaves
+
+    return _flat_leaves(nnx.to_pure_dict(nnx.state(head, nnx.Param)))
+
+
+def load_head(path, *, d_model: Optional[int] = None, vocab_size: Optional[int] = None):
+    """(head, meta) from a directory written by :func:`save_head`, or a shipped head's name
+    (``"lm_story_twist_toxic_ctl"``). ``d_model`` / ``vocab_size``: the LM the head will read; a head of other
+    shapes, or a parameter file that does not match its own ``head.json``, raises ``ValueError``."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from .checkpoint import CHECKPOINT_ROOT, _check_shapes, flat_shapes
+
+    path = Path(path)
+    if not path.exists() and not path.is_absolute() and len(path.parts) == 1:
+        path = CHECKPOINT_ROOT / str(path)
+    if not (path / "head.json").exists() or not (path / "head.npz").exists():
+        available = sorted(p.name for p in CHECKPOINT_ROOT.glob("lm_*") if (p / "head.json").exists())
+        raise ValueError(f"{path} is not a twist-head checkpoint (needs head.json and head.npz); shipped: {available}")
+    meta = json.loads((path / "head.json").read_text())
+    for name, want in (("d_model", d_model), ("vocab_size", vocab_size)):
+        if want is not None and meta[name] != want:
+            raise ValueError(f"twist head {path.name} reads a {name} of {meta[name]}, but the LM has {want}: "
+                             "the checkpoint does not match the model configuration")
+    head = nnx.eval_shape(lambda: TwistHead(meta["d_model"], meta["vocab_size"], hidden=meta["hidden"], rngs=nnx.Rngs(0)))
+    with np.load(path / "head.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    _check_shapes(flat_shapes(_flat_params(head)), {k: a.shape for k, a in arrays.items()}, str(path))
+    state = nnx.state(head, nnx.Param)
+    pure = nnx.to_pure_dict(state)
+
+    def fill(tree, prefix=""):
+        return {k: fill(v, f"{prefix}{k}/") if isinstance(v, dict) else jnp.asarray(arrays[f"{prefix}{k}"])
+                for k, v in tree.items()}
+
+    nnx.replace_by_pure_dict(state, fill(pure))
+    nnx.update(head, state)
+    return head, meta
