@@ -60,11 +60,11 @@ def main(argv=None):
     from tqdm.auto import tqdm
 
     import pplalign
-    from pplalign.ancestral import ancestral_sample
     from models.lm.potentials import TokenScores
     from models.lm.program import LMProgram, stay_in_place
     from models.lm.transformer import LMConfig, Transformer
     from models.lm.twist_head import HeadTwist, TwistHead
+    from pplalign.ancestral import ancestral_sample
 
     n = args.num_particles
     prompt_len = 8

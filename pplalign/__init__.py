@@ -1,6 +1,20 @@
 """pplalign: generation as Bayesian inference in reward-tilted targets σ ∝ p₀·exp(r/β)."""
 
-from . import distributed, evaluation, guidance, islands, mcmc, metrics, potentials, resampling, search, static, tempered, twists, vi
+from . import (
+    distributed,
+    evaluation,
+    guidance,
+    islands,
+    mcmc,
+    metrics,
+    potentials,
+    resampling,
+    search,
+    static,
+    tempered,
+    twists,
+    vi,
+)
 from .ancestral import ancestral_sample
 from .csmc import csmc
 from .distributed import particle_mesh

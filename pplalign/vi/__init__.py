@@ -6,9 +6,9 @@ KL-regularised RL is variational inference (Korbak et al. 2022): max_q E_q[r] âˆ
 :mod:`pplalign.vi.adev` for the same objectives as genjax ADEV programs.
 """
 
+from . import rl_guidance
 from .estimators import ESTIMATORS, estimate
 from .families import GaussianFamily, SequentialFamily, sample_program, sequence_log_prob
-from . import rl_guidance
 from .fit import FitResult, NonFiniteLossError, fit
 from .objectives import (
     Objective,
