@@ -7,9 +7,14 @@ so q starts at p₀), trained with the KL-regularised objective E_q[r] − β·K
 REINFORCE (leave-one-out baseline). For each β we report, by Monte Carlo on fresh samples:
 
 * the fine-tuned q: E_q[r], KL(q‖p₀) = E_q[log q − log p₀], and ELBO = E_q[r/β − log q/p₀];
-* SMC on the same target (bootstrap SMC — no trained twist for this classifier ships — from p₀, N
-  particles): the weighted E_σ̂[r], log Ẑ, and KL(σ̂‖p₀) ≈ E_σ̂[r]/β − log Ẑ;
-* KL(q‖σ) ≈ log Ẑ − ELBO (an estimate: log Ẑ is a lower bound of log Z in expectation).
+* SMC on the same target with N particles, twice: bootstrap SMC (proposal p₀), and twisted SMC (Zhao et al.
+  2024) with the shipped DPG twist head for this target and β (``models/checkpoints/lm_story_twist_positive_dpg``
+  for β = 1, ``..._b<β>`` for the other β of the grid; each trained on T = 16 with
+  ``python -m models.lm.train_twist --task positive --loss dpg --beta β``), proposing from the locally
+  optimal q_t ∝ p₀ψ_t: the weighted E_σ̂[r], log Ẑ, ESS/N, and KL(σ̂‖p₀) ≈ E_σ̂[r]/β − log Ẑ. Quick mode
+  (T = 8) reuses the T = 16 heads: any positive twist leaves SMC consistent, only its efficiency changes;
+* KL(q‖σ) ≈ log Ẑ − ELBO with the larger (better) of the two log Ẑ (an estimate: log Ẑ is a lower bound of
+  log Z in expectation, so this is a lower bound of KL(q‖σ) in expectation, up to the ELBO's MC error).
 
     python -m experiments.vi_transformer [--quick] [--out DIR]
 """
@@ -79,12 +84,28 @@ def evaluate_q(key, family, params, target, beta, num):
     return {"reward": float(r.mean()), "kl_q_p0": float((lq - lp).mean()), "elbo": float((r / beta - (lq - lp)).mean())}, x
 
 
-def evaluate_smc(key, target, beta, num):
-    p = pplalign.smc(key, target, num)
+def twist_for(beta: float, model):
+    """(HeadTwist, name) of the shipped DPG head for the positive-sentiment target at this β (None if absent)."""
+    from models.lm.checkpoint import CHECKPOINT_ROOT
+    from models.lm.train_twist import head_name
+    from models.lm.twist_head import HeadTwist, load_head
+
+    name = head_name("positive", "dpg", beta)
+    if not (CHECKPOINT_ROOT / name / "head.json").exists():
+        return None, None
+    head, meta = load_head(name, d_model=model.cfg.d_model, vocab_size=model.cfg.vocab_size)
+    if abs(meta["beta"] - beta) > 1e-9:
+        raise ValueError(f"twist head {name} was trained for β = {meta['beta']}, not {beta}")
+    return HeadTwist(head), name
+
+
+def evaluate_smc(key, target, beta, num, twist=None):
+    p = pplalign.smc(key, target, num, twist=twist)
     w = p.normalized_weights
     r = jax.vmap(target.reward)(p.samples)
     er = float(jnp.sum(w * r))
-    return {"reward": er, "log_Z_hat": float(p.log_Z), "kl_sigma_p0": er / beta - float(p.log_Z), "nfe": int(p.nfe)}, p
+    return {"reward": er, "log_Z_hat": float(p.log_Z), "kl_sigma_p0": er / beta - float(p.log_Z), "nfe": int(p.nfe),
+            "ess": float(jnp.mean(p.ess) / num)}, p
 
 
 def main(argv=None):
@@ -109,7 +130,13 @@ def main(argv=None):
                      desc=f"fine-tune β={beta:g}")
         q_eval, xs = evaluate_q(jax.random.fold_in(key, 100 + i), family, res.params, target, beta, n_eval)
         s_eval, _ = evaluate_smc(jax.random.fold_in(key, 200 + i), target, beta, n_eval)
-        rows.append({"beta": beta, "q": q_eval, "smc": s_eval, "kl_q_sigma_est": s_eval["log_Z_hat"] - q_eval["elbo"],
+        twist, head = twist_for(beta, program.model)
+        t_eval = None
+        if twist is not None:
+            t_eval, _ = evaluate_smc(jax.random.fold_in(key, 300 + i), target, beta, n_eval, twist)
+            t_eval["head"] = head
+        best = max(s_eval["log_Z_hat"], t_eval["log_Z_hat"] if t_eval else -np.inf)
+        rows.append({"beta": beta, "q": q_eval, "smc": s_eval, "twisted_smc": t_eval, "kl_q_sigma_est": best - q_eval["elbo"],
                      "example": tok.decode([int(t) for t in xs[0]]) if hasattr(tok, "decode") else None})
     result = {"num_steps": num_steps, "fit_steps": fit_steps, "base": base_eval, "rows": rows}
     with open(os.path.join(args.out, "result.json"), "w") as fh:
@@ -118,7 +145,17 @@ def main(argv=None):
     last = rows[-1]
     line = {"beta": last["beta"], "reward_base": base_eval["reward"], "reward_q": last["q"]["reward"],
             "kl_q_p0": last["q"]["kl_q_p0"], "reward_smc": last["smc"]["reward"], "kl_sigma_p0_smc": last["smc"]["kl_sigma_p0"],
-            "kl_q_sigma_est": last["kl_q_sigma_est"]}
+            "kl_q_sigma_est": last["kl_q_sigma_est"], "log_Z_smc": last["smc"]["log_Z_hat"], "ess_smc": last["smc"]["ess"]}
+    if last["twisted_smc"] is not None:
+        t = last["twisted_smc"]
+        line.update(reward_twisted_smc=t["reward"], log_Z_twisted_smc=t["log_Z_hat"], ess_twisted_smc=t["ess"],
+                    kl_sigma_p0_twisted_smc=t["kl_sigma_p0"])
+    for r in rows:
+        t = r["twisted_smc"] or {}
+        print(f"β={r['beta']:<5g} q: E r={r['q']['reward']:.3f} KL(q‖p0)={r['q']['kl_q_p0']:.3f} ELBO={r['q']['elbo']:.3f} | "
+              f"SMC: E r={r['smc']['reward']:.3f} log Ẑ={r['smc']['log_Z_hat']:.3f} ESS/N={r['smc']['ess']:.2f} | "
+              f"twisted SMC: E r={t.get('reward', np.nan):.3f} log Ẑ={t.get('log_Z_hat', np.nan):.3f} "
+              f"ESS/N={t.get('ess', np.nan):.2f} | KL(q‖σ)≈{r['kl_q_sigma_est']:.3f}")
     print(json.dumps(line))
     return line
 
@@ -132,7 +169,11 @@ def plot(rows, base, path):
     b = [r["beta"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     axes[0].plot(b, [r["q"]["reward"] for r in rows], "o-", label="fine-tuned q")
-    axes[0].plot(b, [r["smc"]["reward"] for r in rows], "s--", label="SMC (weighted)")
+    axes[0].plot(b, [r["smc"]["reward"] for r in rows], "s--", label="bootstrap SMC (weighted)")
+    tw = [r for r in rows if r["twisted_smc"]]
+    if tw:
+        axes[0].plot([r["beta"] for r in tw], [r["twisted_smc"]["reward"] for r in tw], "^:", label="twisted SMC (weighted)")
+        axes[1].plot([r["beta"] for r in tw], [r["twisted_smc"]["kl_sigma_p0"] for r in tw], "^:", label="KL(σ̂‖p₀) (twisted SMC)")
     axes[0].axhline(base["reward"], color="g", ls=":", label="p₀")
     axes[0].set(xscale="log", xlabel="β", ylabel="E[log P(positive)]")
     axes[0].legend(fontsize=7)

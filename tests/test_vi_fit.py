@@ -130,5 +130,8 @@ def test_transformer_quick(tmp_path):
     line = _run("experiments.vi_transformer", tmp_path)
     assert all(np.isfinite(v) for v in line.values())
     assert line["reward_smc"] > line["reward_base"]  # the classifier tilt moves the reward up
+    # twisted SMC with the shipped DPG head (issue 5): same target, so the same log Z and a tilted reward
+    assert line["reward_twisted_smc"] > line["reward_base"]
+    assert abs(line["log_Z_twisted_smc"] - line["log_Z_smc"]) < 0.5, line
     assert line["kl_q_p0"] > -0.05  # a KL estimate (MC error allowed)
     assert os.path.exists(tmp_path / "reward_kl_vs_beta.png")
