@@ -8,6 +8,13 @@ classifier reward model's training targets; they are latent, so a classifier can
 Arithmetic. A question ``Q a op b op c op d ;`` followed by one step per operation, each exactly six tokens
 ``x op y = z ;`` and the answer ``A z <eos>``; numbers are single tokens 0..MAX_NUMBER-1 and every
 intermediate stays in range. Steps end at fixed offsets, so a process reward can be read at step boundaries.
+
+The solution of a problem is unique, so a generated solution can be checked *exactly* token by token
+(:func:`first_error`): the first token that differs from the reference is where the first wrong step goes
+wrong. That exact check labels a process reward model's training prefixes and scores the final answers in
+the experiments; the inference methods themselves never see it. :func:`corrupt_steps` makes further
+negatives the way a language model slips: a step's result off by a little, a wrong copy of the previous
+result, a misread operand or operator, a wrong final answer — propagated downstream or not.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from .tokenizer import Tokenizer
 __all__ = [
     "story_tokenizer", "sample_stories", "StoryBatch", "SENTIMENTS",
     "arithmetic_tokenizer", "sample_problems", "ArithmeticProblem", "solve", "check_solution",
-    "MAX_NUMBER", "NUM_OPS", "STEP_LEN",
+    "MAX_NUMBER", "NUM_OPS", "STEP_LEN", "SOLUTION_LEN", "solution_text", "reference_ids", "first_error",
+    "step_boundaries", "corrupt_steps",
 ]
 
 NAMES = ("Anna Ben Clara David Emma Felix Grace Hugo Iris Jack Kira Leo Mia Nora Oscar Paula Quinn Rosa Sam Tara "
@@ -116,6 +124,7 @@ def sample_stories(rng: np.random.Generator, num: int, toxic_rate: float = 0.2) 
 MAX_NUMBER = 20
 NUM_OPS = 3
 STEP_LEN = 6  # "x op y = z ;"
+SOLUTION_LEN = NUM_OPS * STEP_LEN + 3  # the steps, "A", the answer, <eos>
 
 
 def arithmetic_tokenizer() -> Tokenizer:
@@ -196,3 +205,83 @@ def check_solution(problem: ArithmeticProblem, tokens, tokenizer: Tokenizer) -> 
     if len(tail) >= 2 and tail[0] == "A" and tail[1].isdigit():
         answer = int(tail[1])
     return steps, answer
+
+
+def reference_ids(problem: ArithmeticProblem, tokenizer: Tokenizer) -> list[int]:
+    """Token ids of the one correct solution (steps, ``A z``, ``<eos>``), as a generation would produce them."""
+    return tokenizer.encode(solution_text(problem), bos=False, eos=True)
+
+
+def first_error(problem: ArithmeticProblem, tokens, tokenizer: Tokenizer) -> int:
+    """Index of the first generated token that differs from the unique correct solution (SOLUTION_LEN when
+    the solution is right). Every prefix x_{<k} with k ≤ first_error has all its steps right; every longer
+    prefix contains a wrong step. An exact check: for labels and evaluation only."""
+    ref = reference_ids(problem, tokenizer)
+    toks = [int(t) for t in np.asarray(tokens)[:len(ref)]]
+    toks += [-1] * (len(ref) - len(toks))
+    for k, (a, b) in enumerate(zip(toks, ref)):
+        if a != b:
+            return k
+    return len(ref)
+
+
+def step_boundaries() -> np.ndarray:
+    """[SOLUTION_LEN] bool: the generated positions that close a reasoning step (each step's ``;``) and the
+    final answer number — where a process reward scores a partial solution."""
+    b = np.zeros(SOLUTION_LEN, bool)
+    b[[k * STEP_LEN + STEP_LEN - 1 for k in range(NUM_OPS)]] = True
+    b[SOLUTION_LEN - 2] = True
+    return b
+
+
+def _apply(op: str, x: int, y: int) -> int:
+    return (x + y if op == "+" else x - y) % MAX_NUMBER
+
+
+def corrupt_steps(rng: np.random.Generator, problem: ArithmeticProblem) -> tuple[list[str], int]:
+    """Solution words with one slip and its index (the first wrong word).
+
+    The slip is, uniformly: a step's result off by ±1..±3 (or, one time in four, any other number); the step's
+    first operand not the previous result (a copying slip); its second operand or its operator not the
+    question's; or a wrong final answer. With probability 0.7 later steps continue consistently from the
+    wrong value (as a model that trusts its own mistake), otherwise they return to the right values."""
+    words = solution_text(problem).split()
+    values = solve(problem)
+    k = int(rng.integers(NUM_OPS))
+    base = k * STEP_LEN
+    kind = int(rng.integers(5))
+
+    def other(v: int) -> int:
+        if rng.random() < 0.75:
+            d = int(rng.choice([-3, -2, -1, 1, 2, 3]))
+        else:
+            d = int(rng.integers(1, MAX_NUMBER))
+        return (v + d) % MAX_NUMBER
+
+    if kind == 4:  # the final answer
+        pos = len(words) - 1
+        words[pos] = str(other(values[-1]))
+        return words, pos
+    x = values[k - 1] if k else problem.numbers[0]
+    y, op = problem.numbers[k + 1], problem.ops[k]
+    if kind == 0 or (kind == 1 and k == 0):  # result
+        pos, z = base + 4, other(values[k])
+    elif kind == 1:  # copied the previous result wrongly, then computed correctly from the wrong copy
+        pos, x = base, other(x)
+        z = _apply(op, x, y)
+    elif kind == 2:  # misread the second operand
+        pos, y = base + 2, other(y)
+        z = _apply(op, x, y)
+    else:  # misread the operator
+        pos, op = base + 1, "-" if op == "+" else "+"
+        z = _apply(op, x, y)
+    words[base:base + 5] = [str(x), op, str(y), "=", str(z)]
+    if rng.random() < 0.7:
+        acc = z
+        for j in range(k + 1, NUM_OPS):
+            new = _apply(problem.ops[j], acc, problem.numbers[j + 1])
+            words[j * STEP_LEN] = str(acc)
+            words[j * STEP_LEN + 4] = str(new)
+            acc = new
+        words[-1] = str(acc)
+    return words, pos

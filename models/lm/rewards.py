@@ -9,28 +9,31 @@ target is σ(x) ∝ p₀(x | prompt) exp(r(x)/β).
 * :class:`WordPresence` — r(x) = w·1[x contains a listed word] (soft), or 0 / −∞ (hard constraint).
 * :class:`Infilling` — r(x) = log p₀(c | prompt, x) for a fixed continuation c: σ(x) ∝ p₀(x) p₀(c | x) is the
   posterior of the middle given the end (Zhao et al. 2024, infilling).
-* :class:`ProcessRewardModel` — for the arithmetic chains: a prefix classifier giving log P(no wrong step so
-  far | prefix) at every position; its value at a step boundary scores a partial solution, at the end it is an
-  outcome reward. :class:`WithProcessReward` carries the value of the last completed step in the program state
-  (computed only at step boundaries), so particle filtering can use the ratio ψ_t/ψ_{t−1} of PRM values as its
-  incremental weight (Puri et al. 2025), never the raw step score.
+* :class:`ProcessRewardModel` — for the arithmetic chains: v_t = log P(no wrong step in x_{≤t} | prompt, x_{≤t})
+  at every position; its value at a step boundary scores a partial solution, after the last token it is an
+  outcome reward. The network is a per-token verifier: its output at generated position s is
+  c_s = P(x_s is right | prompt, x_{≤s}, all of x_{<s} right), and by the chain rule
+  v_t = Σ_{s≤t} log c_s, non-increasing in t (a wrong step can never be repaired). :class:`WithProcessReward`
+  carries the value of the last completed step in the program state (computed only at step boundaries), so
+  particle filtering can use the ratio ψ_t/ψ_{t−1} of PRM values as its incremental weight (Puri et al. 2025,
+  "A probabilistic inference approach to inference-time scaling of LLMs using particle-based Monte Carlo
+  methods"), never the raw step score.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .program import LMProgram, LMState
-from .tokenizer import EOS, PAD
+from .tokenizer import PAD
 from .transformer import Transformer
 
 __all__ = ["ClassifierReward", "WordPresence", "Infilling", "ProcessRewardModel", "WithProcessReward", "PRMState",
-           "PRMTwist", "place_after_prompt"]
+           "PRMTwist", "place_after_prompt", "verifier_log_probs"]
 
 
 def place_after_prompt(prompt_tokens: jax.Array, prompt_len: jax.Array, tokens: jax.Array, total: int) -> jax.Array:
@@ -147,10 +150,32 @@ class Infilling:
         return jnp.sum(logp[pos - 1, self.continuation])
 
 
+def verifier_log_probs(model: Transformer, seqs: jax.Array) -> jax.Array:
+    """[B, S] log c at every position of ``seqs`` [B, S]: log P(token j is right | tokens before it right).
+
+    Two parametrisations of the per-token verifier:
+
+    * a 2-output classifier (wrong, right): c_j = softmax(f(seq_{≤j}))[1];
+    * a next-token verifier (one output per vocabulary entry): c_j = softmax(f(seq_{<j}))[seq_j], the
+      probability that the right token at j is the one written. As the right token after a right prefix is
+      unique, "x_j is right" is the event "the right token = x_j", so a softmax over the vocabulary is a
+      calibrated classifier for it and every other token is a negative (position 0 gets log c = 0)."""
+    logits, _ = model(seqs)
+    if model.num_outputs == 2:
+        return jax.nn.log_softmax(logits, axis=-1)[..., 1]
+    lp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    picked = jnp.take_along_axis(lp, seqs[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+    return jnp.concatenate([jnp.zeros_like(picked[:, :1]), picked], axis=1)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ProcessRewardModel:
-    """log P(no wrong step so far | prompt, x_{≤t}) from a prefix classifier (2 outputs: wrong, right)."""
+    """v_t = log P(no wrong step in x_{≤t} | prompt, x_{≤t}) = Σ_{s≤t} log c_s from a per-token verifier.
+
+    The verifier (:func:`verifier_log_probs`) gives at generated position s the probability c_s that x_s is
+    the right token given that the prefix before it is right (trained on exactly labelled prefixes, see
+    :mod:`models.lm.reasoning`); ``<pad>`` positions (after ``<eos>``) contribute log 1 = 0."""
 
     model: Transformer
     prompt_tokens: jax.Array
@@ -159,27 +184,35 @@ class ProcessRewardModel:
 
     @classmethod
     def for_program(cls, model: Transformer, program: LMProgram) -> "ProcessRewardModel":
-        _check_classifier(model, 0, 2, "ProcessRewardModel", program.prompt.tokens.shape[0] + program.num_steps)
-        if model.num_outputs != 2:
-            raise ValueError(f"a process reward model has 2 outputs (wrong, right); got {model.num_outputs}: wrong shape")
+        if not isinstance(model, Transformer):
+            raise ValueError(f"ProcessRewardModel needs a models.lm Transformer; got {type(model).__name__}")
+        if model.num_outputs not in (2, program.vocab_size) or model.cfg.vocab_size != program.vocab_size:
+            raise ValueError(f"a process reward model has 2 outputs (wrong, right) or one per vocabulary entry "
+                             f"({program.vocab_size}) over the LM's vocabulary; got {model.num_outputs} outputs over "
+                             f"{model.cfg.vocab_size} tokens: wrong shape")
+        total = program.prompt.tokens.shape[0] + program.num_steps
+        if total > model.cfg.max_len:
+            raise ValueError(f"ProcessRewardModel: prompt + generation ({total} tokens) exceed its max_len {model.cfg.max_len}")
         return cls(model, program.prompt.tokens, program.prompt.length, program.num_steps)
 
-    def prefix_log_probs(self, tokens: jax.Array) -> jax.Array:
-        """[T] log P(right so far) after each generated token (position t sees x_{≤t})."""
+    def token_log_probs(self, tokens: jax.Array) -> jax.Array:
+        """[T] log c_t: log P(x_t right | prefix before it right), 0 at ``<pad>``."""
+        tokens = jnp.asarray(tokens, jnp.int32)
         total = self.prompt_tokens.shape[0] + self.num_steps
         seq = place_after_prompt(self.prompt_tokens, self.prompt_len, tokens, total)
-        logits, _ = self.model(seq[None])
-        lp = jax.nn.log_softmax(logits[0], axis=-1)[:, 1]
-        return jax.lax.dynamic_slice(lp, (self.prompt_len,), (self.num_steps,))
+        lc = verifier_log_probs(self.model, seq[None])[0]
+        return jnp.where(tokens != PAD, jax.lax.dynamic_slice(lc, (self.prompt_len,), (self.num_steps,)), 0.0)
+
+    def prefix_log_probs(self, tokens: jax.Array) -> jax.Array:
+        """[T] v_t = log P(right so far) after each generated token (position t sees x_{≤t})."""
+        return jnp.cumsum(self.token_log_probs(tokens))
 
     def at(self, tokens: jax.Array, t) -> jax.Array:
         return self.prefix_log_probs(tokens)[t]
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        """Outcome reward: log P(right) after the last generated token (the one before <pad>)."""
-        lp = self.prefix_log_probs(tokens)
-        last = jnp.maximum(jnp.sum(jnp.asarray(tokens) != PAD) - 1, 0)
-        return lp[last]
+        """Outcome reward: v after the last generated token, log P(the whole solution is right)."""
+        return jnp.sum(self.token_log_probs(tokens))
 
 
 class PRMState(NamedTuple):
