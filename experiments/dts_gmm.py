@@ -12,13 +12,21 @@ Methods, at equal NFE (transition evaluations):
   smc_oracle    pplalign.smc with the exact soft value as twist (bootstrap proposal);
   dts           DTS as published (Boltzmann selection on tree values, progressive widening);
   dts_consistent     DTS whose growth never reads the values (uniform selection);
-  dts_consistent_fk  the same guided by the FK potential (Boltzmann on r(E[x_0|x_c])/β).
+  dts_consistent_fk  the same guided by the FK potential (Boltzmann on r(E[x_0|x_c])/β);
+  dts_twisted_fk     variant "twisted": Boltzmann on the FK potential plus Russian roulette on it (unbiased);
+  dts_twisted_oracle the same with the exact soft value as its twist (a diagnostic: the best a twist can do
+                     for this growth rule).
 Each method returns ``n_eval`` equally weighted samples (IS/SMC: multinomial resampling of the weighted
 particles; DTS: draws from the tree, no NFE); metrics: energy distance to ``n_eval`` exact samples (the floor is
 the energy distance between two exact sets of that size), the TV between mode (component) weights, and
 E‖x − c‖². A DTS tree is grown once per seed and read at every budget (it is anytime).
 
-Prints one JSON line last: nfe_ratio_vs_is, nfe_ratio_vs_smc, floor_ratio, tilt_bias (see the issue).
+Full mode: 3 seeds per budget for every method (IS/SMC: independent runs; DTS: independent trees), reported as
+mean ± sd; the headline ratios use the seed means, and "first matches" interpolates log NFE linearly in log
+energy distance between budgets. Consistent DTS runs to 10⁶ NFE, the other trees to 10⁵ (CPU time).
+
+Prints a table, then one JSON line last: nfe_ratio_vs_is, nfe_ratio_vs_smc, floor_ratio, tilt_bias (see the
+issue).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 
 import jax
@@ -35,11 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import pplalign
-from pplalign import metrics
-from pplalign import search
-from pplalign.search import DTSConfig
-
 from models.gmm_diffusion import two_mode_problem
+from pplalign import metrics, search
+from pplalign.search import DTSConfig
 
 
 @jax.tree_util.register_dataclass
@@ -133,11 +140,14 @@ def grow_dts(target, config, twist, keys, budgets, capacity, n_eval, x_exact_set
 
 def value_errors(model, reward, beta, tree, num_steps: int) -> dict:
     """Bias and spread of the tree's log Ŵ against the exact log ψ_s(x) at each level, over all nodes and over
-    well-visited nodes (≥ 50 visits); also the Z-scale ratio mean Ŵ/ψ."""
+    well-visited nodes (≥ 50 visits); also the Z-scale ratio mean Ŵ/ψ over every live node (a node whose subtree
+    the roulette emptied has Ŵ = 0: it counts in the Z-scale mean and in ``zero_fraction``, not on the log scale)."""
     n = int(tree.num_nodes)
     level = np.asarray(tree.level[:n])
     visits = np.asarray(tree.visits[:n])
-    logw = np.asarray(tree.log_value[:n])
+    # a node's own estimate of ψ: log Ŵ, without the 1/p roulette factor of variant "twisted" (killed nodes out)
+    survival = np.asarray(tree.log_survival[:n])
+    logw = np.where(survival > -np.inf, np.asarray(tree.log_value[:n]) + np.where(survival > -np.inf, survival, 0.0), -np.inf)
     x = tree.states.x[:n]
     s = tree.states.time[:n]
     exact = np.asarray(jax.jit(jax.vmap(lambda xx, ss: model.log_soft_value(xx, ss, reward, beta)))(x, s))
@@ -145,18 +155,20 @@ def value_errors(model, reward, beta, tree, num_steps: int) -> dict:
     for lv in sorted(set(level.tolist())):
         if lv < 1 or lv > num_steps:
             continue
-        for tag, mask in (("all", level == lv), ("visited50", (level == lv) & (visits >= 50))):
+        live = survival > -np.inf
+        for tag, mask in (("all", (level == lv) & live), ("visited50", (level == lv) & live & (visits >= 50))):
             if mask.sum() < 2:
                 continue
-            diff = logw[mask] - exact[mask]
-            diff = diff[np.isfinite(diff)]
+            diff_all = logw[mask] - exact[mask]
+            diff = diff_all[np.isfinite(diff_all)]
             if diff.size < 2:
                 continue
             out.setdefault(tag, {})[int(lv)] = {
-                "count": int(diff.size),
+                "count": int(diff_all.size),
                 "bias_log": float(diff.mean()),
                 "std_log": float(diff.std()),
-                "z_ratio_minus_1": float(np.exp(diff).mean() - 1.0),
+                "z_ratio_minus_1": float(np.exp(diff_all).mean() - 1.0),
+                "zero_fraction": float(1.0 - diff.size / diff_all.size),
             }
     return out
 
@@ -193,6 +205,35 @@ def summarise(rows):
     return out
 
 
+def table_of(rows, methods, key="energy"):
+    """{method: [(budget, mean NFE, mean, sd over seeds), ...]}."""
+    out = {}
+    for m in methods:
+        pts = []
+        for b in sorted({r["budget"] for r in rows if r["method"] == m}):
+            rs = [r for r in rows if r["method"] == m and r["budget"] == b]
+            vals = [r[key] for r in rs]
+            pts.append((b, float(np.mean([r["nfe"] for r in rs])), float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0))
+        out[m] = pts
+    return out
+
+
+def print_table(rows, methods, floor, exact_sq):
+    """Energy distance (and E‖x − c‖² − exact) as mean ± sd over seeds, per budget and method."""
+    budgets = sorted({r["budget"] for r in rows})
+    for key, what in (("energy", f"energy distance to σ (floor {floor:.4f})"), ("sq_dist", f"E‖x − c‖² − exact ({exact_sq:.3f})")):
+        print(f"{what}: mean ± sd over seeds")
+        print("| NFE | " + " | ".join(methods) + " |")
+        print("|---" * (len(methods) + 1) + "|")
+        for b in budgets:
+            cells = []
+            for m in methods:
+                vals = [r[key] - (exact_sq if key == "sq_dist" else 0.0) for r in rows if r["method"] == m and r["budget"] == b]
+                cells.append(f"{np.mean(vals):.4g} ± {np.std(vals, ddof=1) if len(vals) > 1 else 0.0:.2g}" if vals else "")
+            print(f"| {b:.0e} | " + " | ".join(cells) + " |")
+    sys.stdout.flush()
+
+
 def mean_at(rows, method, budget, key):
     rs = [r[key] for r in rows if r["method"] == method and r["budget"] == budget]
     return float(np.mean(rs)) if rs else float("nan")
@@ -216,7 +257,7 @@ def main(argv=None):
         smc_budgets = budgets
         ref_budget = 1_000
     else:
-        num_steps, n_eval, seeds = 20, 1000, args.seeds or 2
+        num_steps, n_eval, seeds = 20, 1000, args.seeds or 3
         budgets = [1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000]
         smc_budgets = [1_000, 10_000, 100_000, 1_000_000]  # each N compiles anew: keep the grid coarse
         ref_budget = 100_000
@@ -279,18 +320,22 @@ def main(argv=None):
         rows.extend(new_rows)
         print(f"[{time.time() - t_start:6.1f}s] {name} done", flush=True)
 
-    dts_budgets = [b for b in budgets if args.dts_max_budget is None or b <= args.dts_max_budget]
-    capacity = int(dts_budgets[-1] * 1.25) + 10 * (num_steps + 1)
-    dts_runs = {
-        "dts": (DTSConfig("published"), None),
-        "dts_consistent": (DTSConfig("consistent"), None),
-        "dts_consistent_fk": (DTSConfig("consistent"), fk),
+    small = budgets[-1] if args.quick else 100_000
+    dts_runs = {  # name: (config, twist, largest budget)
+        "dts": (DTSConfig("published"), None, small),
+        "dts_consistent": (DTSConfig("consistent"), None, budgets[-1]),
+        "dts_consistent_fk": (DTSConfig("consistent"), fk, small),
+        "dts_twisted_fk": (DTSConfig("twisted"), fk, small),  # over-splits: each iteration fills its node budget
+        "dts_twisted_oracle": (DTSConfig("twisted"), oracle, small),
     }
     values = {}
     keys = jax.random.split(k_dts, seeds)[: (args.dts_seeds or seeds)]
     if args.quick:
-        dts_runs.pop("dts_consistent_fk")
-    for name, (config, twist) in dts_runs.items():
+        for name in ("dts_consistent_fk", "dts_twisted_fk", "dts_twisted_oracle"):
+            dts_runs.pop(name)
+    for name, (config, twist, largest) in dts_runs.items():
+        dts_budgets = [b for b in budgets if b <= largest and (args.dts_max_budget is None or b <= args.dts_max_budget)]
+        capacity = int(dts_budgets[-1] * 1.25) + 10 * (num_steps + 1)
         hit = cached(name)
         if hit is not None:
             rows.extend(hit["rows"])
@@ -319,9 +364,9 @@ def main(argv=None):
     ref_smc = mean_at(rows, "fk_smc", ref_budget, "energy")
     match_is = first_match(rows, "dts_consistent", ref_is)
     match_smc = first_match(rows, "dts_consistent", ref_smc)
-    match_is_fk = first_match(rows, "dts_consistent_fk", ref_is) if "dts_consistent_fk" in dts_runs else None
-    match_is_pub = first_match(rows, "dts", ref_is)
     ratio = lambda m: (ref_budget / m) if m else 0.0
+    all_methods = list(smc_methods) + list(dts_runs)
+    table = table_of(rows, all_methods)
     summary = {
         "nfe_ratio_vs_is": ratio(match_is),
         "nfe_ratio_vs_smc": ratio(match_smc),
@@ -330,21 +375,21 @@ def main(argv=None):
             "dts": mean_at(rows, "dts", top_of("dts"), "sq_dist") - exact_sq,
             "dts_consistent": mean_at(rows, "dts_consistent", top, "sq_dist") - exact_sq,
         },
-        "nfe_ratio_vs_is_fk_guided": ratio(match_is_fk),
-        "nfe_ratio_vs_is_published": ratio(match_is_pub),
-        "floor_ratio_fk_guided": mean_at(rows, "dts_consistent_fk", top_of("dts_consistent_fk"), "energy") / floor,
-        "floor_ratio_published": mean_at(rows, "dts", top_of("dts"), "energy") / floor,
-        "budget_of_published_and_fk_guided": [top_of("dts"), top_of("dts_consistent_fk")],
+        "tilt_bias_others": {m: mean_at(rows, m, top_of(m), "sq_dist") - exact_sq for m in ("dts_consistent_fk", "dts_twisted_fk", "dts_twisted_oracle") if m in dts_runs},
+        "nfe_ratio_vs_is_others": {m: ratio(first_match(rows, m, ref_is)) for m in dts_runs},
+        "floor_ratio_others": {m: [top_of(m), mean_at(rows, m, top_of(m), "energy") / floor] for m in dts_runs},
         "floor": floor,
         "reference_budget": ref_budget,
+        "reference_energy": {"is": ref_is, "fk_smc": ref_smc},
         "largest_budget": top,
         "exact_sq_dist": exact_sq,
         "exact_log_Z": float(exact.log_Z),
-        "energy_at_largest": {m: [top_of(m), mean_at(rows, m, top_of(m), "energy")] for m in ["is", "fk_smc", "smc_oracle", "dts", "dts_consistent", "dts_consistent_fk"]},
-        "energy_at_reference": {m: mean_at(rows, m, ref_budget, "energy") for m in ["is", "fk_smc", "smc_oracle", "dts", "dts_consistent", "dts_consistent_fk"]},
+        "seeds": seeds,
+        "energy_mean_sd": {m: [[b, round(n), round(e, 5), round(sd, 5)] for b, n, e, sd in pts] for m, pts in table.items()},
         "seconds": round(time.time() - t_start, 1),
         "quick": bool(args.quick),
     }
+    print_table(rows, all_methods, floor, exact_sq)
     with open(os.path.join(args.out, "dts_gmm.json"), "w") as f:
         json.dump({"summary": summary, "rows": rows, "value_errors": values, "num_steps": num_steps, "n_eval": n_eval, "seeds": seeds}, f, indent=1)
     plot(rows, floor, exact_sq, args.out, values)
@@ -357,7 +402,7 @@ def plot(rows, floor, exact_sq, out, values):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"is": "C0o-", "fk_smc": "C1s-", "smc_oracle": "C2^-", "dts": "C3v-", "dts_consistent": "C4D-", "dts_consistent_fk": "C5P-"}
+    styles = {"is": "C0o-", "fk_smc": "C1s-", "smc_oracle": "C2^-", "dts": "C3v-", "dts_consistent": "C4D-", "dts_consistent_fk": "C5P-", "dts_twisted_fk": "C6X-", "dts_twisted_oracle": "C7*-"}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for metric, ax, ylabel in (("energy", axes[0], "energy distance to σ"), ("mode_tv", axes[1], "mode-weight TV"), ("sq_dist", axes[2], "E‖x − c‖²")):
         for method, style in styles.items():
@@ -365,8 +410,9 @@ def plot(rows, floor, exact_sq, out, values):
             if not budgets:
                 continue
             nfe = [np.mean([r["nfe"] for r in rows if r["method"] == method and r["budget"] == b]) for b in budgets]
-            val = [np.mean([r[metric] for r in rows if r["method"] == method and r["budget"] == b]) for b in budgets]
-            ax.plot(nfe, val, style, label=method, ms=4)
+            vals = [[r[metric] for r in rows if r["method"] == method and r["budget"] == b] for b in budgets]
+            sd = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in vals]
+            ax.errorbar(nfe, [np.mean(v) for v in vals], yerr=sd, fmt=style, label=method, ms=4, capsize=2)
         ax.set_xscale("log")
         ax.set_xlabel("NFE")
         ax.set_ylabel(ylabel)
@@ -381,7 +427,7 @@ def plot(rows, floor, exact_sq, out, values):
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method, style in (("dts", "C3v-"), ("dts_consistent", "C4D-"), ("dts_consistent_fk", "C5P-")):
+    for method, style in (("dts", "C3v-"), ("dts_consistent", "C4D-"), ("dts_consistent_fk", "C5P-"), ("dts_twisted_fk", "C6X-"), ("dts_twisted_oracle", "C7*-")):
         errs = values.get(method, {}).get("all", {})
         if errs:
             lv = sorted(errs)

@@ -29,24 +29,27 @@ Selection rules (``variant``):
   E[Ŵ_root] = Z exactly. The tree's tilted leaf measure Σ_ℓ exp(r_ℓ/β) ∏_{a<ℓ} (1/m_a) is then a nested
   importance sampler of σ, consistent as the tree grows (every m_a → ∞ under progressive widening).
 * ``"twisted"`` — value-blind growth that uses a twist ψ̃ (``twist=``, a guess of the soft value: the
-  reward of the denoised mean, the exact soft value on a testbed, or one fitted on earlier trees) twice:
-  Boltzmann selection ∝ ψ̃(x_c) among the live children, and **Russian roulette** in the rollouts: a new
-  node c below level 1 survives with probability p_c = min(1, ψ̃(x_c)/ρ_parent), where the reference ρ of a
-  path is ψ̃ at its level-1 node times the survival probabilities so far (a weight window, so that a path
-  which dips and recovers is not thinned twice; ψ̃ = exp(r/β) at a leaf). A killed node has value 0, no
-  children, and ends the rollout early (saving the rest of its NFE); a survivor's value carries 1/p_c:
+  reward of the denoised mean, the exact soft value on a testbed, or one fitted on earlier, independent
+  trees) in three places, as SMC uses its potentials: Boltzmann selection ∝ ψ̃(x_c) among the live children,
+  and, in a *branching* rollout below the expanded node (:func:`_expand_twisted`), **Russian roulette and
+  splitting** against a weight window: a new node c gets the score s = log ψ̃(x_c) − log ρ (ρ: its parent's
+  window level); if s < 0 it survives with probability p_c = e^s, else it is split into
+  k_c = min(max_split, ⌊e^s + U⌋) children grown in the same iteration. A killed node has value 0 and no
+  children (its rollout ends, saving its NFE); a survivor's value carries 1/p_c:
 
       Ŵ_n = (1/(m_n·p_n)) Σ_{c live} Ŵ_c        (p_n = 1 for nodes the roulette did not touch).
 
-  Why this stays unbiased: p_c is a function of the states on c's own path, and an iteration reaching a node
-  whose children are all dead stops there (counted as a visit, no NFE) rather than widening because of it,
-  so m_n still never depends on n's descendants. Given x_c and everything outside c's subtree,
-  E[1{c survives}·Ŵ_c/p_c] = p_c·ψ(x_c)/p_c = ψ(x_c), and by induction E[Ŵ_n | x_n] = ψ(x_n),
-  E[Ŵ_root] = Z. The tree's leaf measure exp(r_ℓ/β)∏_a 1/(m_a p_a) (which :func:`sample_tree` draws from) is
-  therefore an unbiased random measure for p₀·exp(r/β); pooling independent trees k with weights ∝ Ŵ_root,k
-  (as islands of SMC are combined) is consistent as the number of trees grows. ψ̃ only moves the variance.
-  Measured caveat (docs/dts.md): without splitting, paths whose ψ̃ rises keep weights above the window, so
-  even with the exact soft value the tree's leaf ESS stays small on a sharp target.
+  Why this stays unbiased: p_c and k_c are functions of the states on c's path and of node counts fixed
+  before c was created; an iteration reaching a node whose children are all dead stops there (a visit, no
+  NFE) instead of widening because of it; a split is capped by the iteration's node budget so that no planned
+  child is ever dropped. So m_n never depends on n's descendants. Given x_c and everything outside c's
+  subtree, E[1{c survives}·Ŵ_c/p_c] = ψ(x_c), hence by induction E[Ŵ_n | x_n] = ψ(x_n) and E[Ŵ_root] = Z.
+  The tree's leaf measure exp(r_ℓ/β)∏_a 1/(m_a p_a) (which :func:`sample_tree` draws from) is an unbiased
+  random measure for p₀·exp(r/β); pooling independent trees k with weights ∝ Ŵ_root,k (as islands of SMC
+  are combined) is consistent as the number of trees grows, and one tree is consistent as its root's
+  children grow. ψ̃ only moves the variance and the cost: with ψ̃ = the exact soft value the leaves carry
+  nearly equal weights (twisted SMC's genealogy, grown one family per iteration); a ψ̃ that over-states
+  differences splits often, and each iteration then spends up to its budget of 64·(T + 1) nodes.
 * DTS* (``greedy=True``): UCT selection argmax_c log Ŵ_c + c_uct·√(log N_n / N_c) and, for the output,
   greedy descent argmax_c log Ŵ_c (a mode-seeking search for high reward).
 
@@ -88,6 +91,7 @@ class DTSConfig:
     greedy:         DTS* (UCT selection, greedy output).
     widening_c, widening_alpha: progressive widening, widen while m_n < C·(N_n + 1)^α.
     uct_c:          exploration constant of DTS*'s UCT score (in units of log Ŵ, i.e. reward/β).
+    max_split:      variant "twisted": the most children a node is split into at creation (1: roulette only).
     """
 
     variant: str = "published"
@@ -95,6 +99,7 @@ class DTSConfig:
     widening_c: float = 1.0
     widening_alpha: float = 0.5
     uct_c: float = 1.0
+    max_split: int = 8
 
     def validate(self) -> None:
         if self.variant not in VARIANTS:
@@ -103,6 +108,8 @@ class DTSConfig:
             raise ValueError(f"widening_c must be finite and > 0; got {self.widening_c}")
         if not 0.0 < self.widening_alpha <= 1.0:
             raise ValueError(f"widening_alpha must lie in (0, 1]; got {self.widening_alpha}")
+        if isinstance(self.max_split, bool) or not isinstance(self.max_split, int) or self.max_split < 1:
+            raise ValueError(f"max_split must be an int >= 1; got {self.max_split!r}")
         if not (self.uct_c >= 0 and math.isfinite(self.uct_c)):
             raise ValueError(f"uct_c must be finite and >= 0; got {self.uct_c}")
         if self.greedy and self.variant != "published":
@@ -203,64 +210,125 @@ def _new_child(target: Tilted, twist, tree: Tree, node, level, key, config: DTSC
     return state, h, leaf_value, nfe, bad
 
 
-def _path_reference(tree: Tree, node):
-    """log ρ_n = log ψ̃(x_{a_1}) + Σ_{a on the path, level ≥ 2, up to n} log p_a, where a_1 is n's level-1
-    ancestor: the roulette's reference level (a weight window: the path's contribution ψ̃(x)·∏ 1/p_a is kept at
-    or above ψ̃(x_{a_1}), so a path that dips and recovers is not thinned twice). Read-only walk up the path."""
-
-    def cond(c):
-        return c[0] != NO_NODE
-
-    def body(c):
-        a, acc = c
-        lvl = tree.level[a]
-        term = jnp.where(lvl >= 2, tree.log_survival[a], jnp.where(lvl == 1, tree.heuristic[a], 0.0))
-        return tree.parent[a], acc + term
-
-    return jax.lax.while_loop(cond, body, (node, jnp.zeros((), jnp.float32)))[1]
-
-
 def _expand_and_rollout(target, twist, tree: Tree, node, key, config: DTSConfig, active=True):
     """Add a child of ``node`` and roll out from it to a leaf, adding every state; returns (tree, leaf).
-    With ``active`` false nothing is added and ``node`` is returned.
-
-    Variant "twisted": a new node c below level 1 survives with probability p_c = min(1, ψ̃(x_c)/ρ_parent)
-    (Russian roulette against the path's reference level ρ, see :func:`_path_reference`; at the leaf
-    ψ̃ = exp(r/β)); a killed node keeps value 0 and ends the rollout, a survivor carries the factor 1/p_c in its
-    value (``log_survival`` = log p_c) and passes ρ_c = ρ_parent·p_c on."""
+    With ``active`` false nothing is added and ``node`` is returned."""
     leaf_level = target.num_steps + 1
-    roulette = config.variant == "twisted"
 
     def cond(c):
-        _, _, level, _, alive, _ = c
-        return active & alive & (level < leaf_level)
+        _, _, level, _ = c
+        return active & (level < leaf_level)
 
     def body(c):
-        tree, cur, level, i, _, ref_parent = c
-        k_child, k_roulette = jax.random.split(jax.random.fold_in(key, i))
-        state, h, leaf_value, nfe, bad = _new_child(target, twist, tree, cur, level, k_child, config)
+        tree, cur, level, i = c
+        state, h, leaf_value, nfe, bad = _new_child(target, twist, tree, cur, level, jax.random.fold_in(key, i), config)
         tree, idx = tree_lib.add_child(tree, cur, state, h, parent_level=level)
-        if roulette:
-            log_p = jnp.where(level >= 1, jnp.minimum(0.0, h - ref_parent), 0.0)
-            log_p = jnp.where(jnp.isnan(log_p), -jnp.inf, log_p)
-            ref = jnp.where(level >= 1, ref_parent + log_p, h)
-            alive = jnp.log(jax.random.uniform(k_roulette, minval=1e-38)) < log_p
-            log_survival = jnp.where(alive, log_p, -jnp.inf)
-            value = jnp.where(alive, leaf_value - log_p, -jnp.inf)
-            tree = tree._replace(log_survival=tree.log_survival.at[idx].set(log_survival))
-        else:
-            alive, value, ref = jnp.asarray(True), leaf_value, h
         tree = tree._replace(
-            log_value=tree.log_value.at[idx].set(value),
+            log_value=tree.log_value.at[idx].set(leaf_value),
             nfe=tree.nfe + nfe,
             nonfinite=tree.nonfinite | bad,
         )
-        return tree, idx, level + 1, i + 1, alive, ref
+        return tree, idx, level + 1, i + 1
 
-    ref0 = _path_reference(tree, node) if roulette else jnp.zeros((), jnp.float32)
-    init = (tree, node, tree.level[node], jnp.asarray(0), jnp.asarray(True), ref0)
-    tree, leaf, _, _, _, _ = jax.lax.while_loop(cond, body, init)
+    tree, leaf, _, _ = jax.lax.while_loop(cond, body, (tree, node, tree.level[node], jnp.asarray(0)))
     return tree, leaf
+
+
+def _expand_twisted(target, twist, tree: Tree, node, key, config: DTSConfig, active=True) -> Tree:
+    """Variant "twisted": add a child of ``node`` and grow below it a *branching* rollout with splitting and
+    Russian roulette on the twist (a weight window, as in particle transport), then set the new nodes' values.
+
+    Each new node c arrives with a window level log ρ (its parent's ``log_ref``, plus log k if the parent was
+    split into k children in this rollout) and gets the score s = log ψ̃(x_c) − log ρ. If s < 0 it survives
+    with probability p_c = e^s (value 0 and no children otherwise); if s ≥ 0 it is split into
+    k_c = min(max_split, ⌊e^s + U⌋) children (leaves are never split; ψ̃ = exp(r/β) there); its own
+    ``log_ref`` is log ρ + log p_c (a survivor's weight carries 1/p_c, so the bar for its descendants drops by
+    p_c). A level-1 node sets log ρ = log ψ̃(x_c) for its subtree, and a child added later by progressive
+    widening starts from its parent's ``log_ref``. Both decisions read only the states on c's path and the
+    child counts, never a value. Tasks are kept on a
+    depth-first stack. An iteration adds at most 64·(T + 1) nodes (and never more than the capacity left):
+    a split is capped so that every pending task keeps a full path in reserve, so no task is ever dropped
+    and every iteration stays exact (a poor twist costs NFE, never correctness)."""
+    leaf_level = target.num_steps + 1
+    kmax = config.max_split
+    stack_size = (leaf_level + 1) * kmax
+    num_before = tree.num_nodes
+    max_new = 64 * leaf_level  # static bound on the nodes one iteration adds (the values' buffer)
+    budget = jnp.minimum(max_new, tree.capacity - num_before)  # ≥ T + 1: step checked that a rollout fits
+    i32, f32 = jnp.int32, jnp.float32
+    stack = (
+        jnp.zeros((stack_size,), i32).at[0].set(node),
+        jnp.zeros((stack_size,), i32).at[0].set(tree.level[node]),
+        jnp.zeros((stack_size,), f32).at[0].set(tree.log_ref[node]),
+    )
+
+    def cond(c):
+        return active & (c[2] > 0)
+
+    def body(c):
+        tree, (st_par, st_lvl, st_ref), top, i, reserved = c
+        top = top - 1
+        par, lvl, log_ref = st_par[top], st_lvl[top], st_ref[top]
+        reserved = reserved - (leaf_level - lvl)  # this task's path, reserved when it was pushed
+        k_child, k_roulette, k_split = jax.random.split(jax.random.fold_in(key, i), 3)
+        state, h, leaf_value, nfe, bad = _new_child(target, twist, tree, par, lvl, k_child, config)
+        tree, idx = tree_lib.add_child(tree, par, state, h, parent_level=lvl)
+        is_leaf = lvl + 1 == leaf_level
+        top_level = lvl == 0  # a level-1 node: its ψ̃ sets the window of its subtree
+        score = jnp.where(top_level, 0.0, h - log_ref)
+        score = jnp.where(jnp.isnan(score), -jnp.inf, score)
+        log_p = jnp.minimum(0.0, score)
+        alive = jnp.log(jax.random.uniform(k_roulette, minval=1e-38)) < log_p
+        ref_c = jnp.where(top_level, h, log_ref + log_p)
+        excess = jnp.exp(jnp.clip(score, 0.0, math.log(kmax)))
+        # split only within the iteration's node budget, keeping one full path reserved for every pending
+        # task (so no task is ever dropped: k ≥ 1 is always affordable). The cap reads node counts of
+        # earlier-created nodes only, never c's descendants: it is value-blind.
+        path = jnp.maximum(leaf_level - lvl - 1, 1)
+        affordable = jnp.maximum((budget - (tree.num_nodes - num_before) - reserved) // path, 1)
+        k = jnp.clip(jnp.floor(excess + jax.random.uniform(k_split)), 1, kmax).astype(i32)
+        k = jnp.minimum(k, affordable).astype(i32)
+        k = jnp.where(alive & ~is_leaf, k, 0)
+        slots = top + jnp.arange(kmax)
+        push = jnp.arange(kmax) < k
+        put = lambda arr, v: arr.at[slots].set(jnp.where(push, v, arr[jnp.minimum(slots, stack_size - 1)]), mode="drop")
+        child_ref = ref_c + jnp.log(jnp.maximum(k, 1).astype(f32))
+        stack = (put(st_par, idx), put(st_lvl, lvl + 1), put(st_ref, child_ref))
+        tree = tree._replace(
+            log_survival=tree.log_survival.at[idx].set(jnp.where(alive, log_p, -jnp.inf)),
+            log_ref=tree.log_ref.at[idx].set(ref_c),
+            log_value=tree.log_value.at[idx].set(jnp.where(alive & is_leaf, leaf_value - log_p, -jnp.inf)),
+            nfe=tree.nfe + nfe,
+            nonfinite=tree.nonfinite | bad,
+        )
+        return tree, stack, top + k, i + 1, reserved + k * (leaf_level - lvl - 1)
+
+    init = (tree, stack, jnp.asarray(1, i32), jnp.asarray(0), leaf_level - tree.level[node])
+    tree, _, top, _, _ = jax.lax.while_loop(cond, body, init)
+    count = tree.num_nodes - num_before
+
+    # values of the new internal nodes, children before parents (reverse creation order): a read-only pass
+    # into a buffer, then a write-only pass (see _backup for why).
+    def read(j, buf):
+        n = num_before + count - 1 - j
+        internal = (tree.level[n] < leaf_level) & (tree.log_survival[n] > -jnp.inf)
+
+        def add(carry, child):
+            m, s = carry
+            v = buf[child - num_before]
+            new_m = jnp.maximum(m, v)
+            safe = jnp.where(jnp.isfinite(new_m), new_m, 0.0)
+            return new_m, s * jnp.exp(m - safe) + jnp.exp(v - safe)
+
+        m, s = tree_lib._fold_children(tree, n, add, (jnp.asarray(-jnp.inf, f32), jnp.asarray(0.0, f32)))
+        safe = jnp.where(jnp.isfinite(m), m, 0.0)
+        lse = jnp.where(s > 0, jnp.log(jnp.where(s > 0, s, 1.0)) + safe, -jnp.inf)
+        mean = lse - jnp.log(jnp.maximum(tree.num_children[n], 1).astype(f32)) - tree.log_survival[n]
+        return buf.at[n - num_before].set(jnp.where(internal, mean, tree.log_value[n]))
+
+    buf = jax.lax.fori_loop(0, count, read, jnp.full((max_new,), -jnp.inf, f32))
+    tree = jax.lax.fori_loop(0, count, lambda j, tr: tr._replace(log_value=tr.log_value.at[num_before + j].set(buf[j])), tree)
+    return tree
 
 
 def _backup(tree: Tree, bottom, num_before, leaf_level: int) -> Tree:
@@ -322,7 +390,11 @@ def step(key: jax.Array, tree: Tree, target: Tilted, config: DTSConfig = DTSConf
     # No lax.cond over the tree (XLA would copy every node array): when the rollout would not fit, start
     # the rollout and the backup from NO_NODE-free no-ops — the loops below simply run zero times.
     start = jnp.where(fits, node, jnp.asarray(ROOT, jnp.int32))
-    tree, bottom = _expand_and_rollout(target, twist, tree, start, expand_key, config, active=fits & expand)
+    if config.variant == "twisted":
+        tree = _expand_twisted(target, twist, tree, start, expand_key, config, active=fits & expand)
+        bottom = start  # the new nodes have their values; back up from the expanded node
+    else:
+        tree, bottom = _expand_and_rollout(target, twist, tree, start, expand_key, config, active=fits & expand)
     tree = _backup(tree, jnp.where(fits, bottom, NO_NODE), num_before, leaf_level)
     return tree._replace(iteration=tree.iteration + fits.astype(jnp.int32), full=tree.full | ~fits)
 
@@ -465,7 +537,7 @@ def dts(
       num_samples: samples drawn from the tree for the returned ``Particles`` (no model evaluations).
       variant: ``"published"`` (Boltzmann selection on the tree's values), ``"consistent"`` (growth that
         never reads the values: Boltzmann on ``twist`` or uniform; unbiased values, consistent samples) or
-        ``"twisted"`` (as consistent, plus Russian roulette on ``twist`` in the rollouts; unbiased).
+        ``"twisted"`` (as consistent, plus roulette and splitting on ``twist`` in branching rollouts; unbiased).
       twist: ``twist(state, t) -> log ψ̃`` guiding the consistent and twisted variants' growth (e.g. the reward
         of the denoised mean over β); ignored by the others. The twisted variant also scores the initial state,
         with t = −1 (without a twist it is uniform selection without roulette, i.e. ``"consistent"``).

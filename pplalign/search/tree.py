@@ -43,6 +43,7 @@ class Tree(NamedTuple):
     heuristic:    float32 log ψ̃(x_n) from a user twist (0 without one); read only by value-blind growth.
     log_survival: float32 log p_n, the Russian-roulette survival probability of the node (variant "twisted";
                   0 otherwise); −inf marks a node killed by the roulette (its value is 0 and it has no children).
+    log_ref:      float32 the roulette's window level for the node's children (variant "twisted"; 0 otherwise).
     num_nodes:    [] int32 nodes in use.
     iteration:    [] int32 completed iterations (the PRNG stream of iteration k is fold_in(key, k)).
     nfe:          [] int32 transition evaluations spent building the tree.
@@ -60,6 +61,7 @@ class Tree(NamedTuple):
     log_value: jax.Array
     heuristic: jax.Array
     log_survival: jax.Array
+    log_ref: jax.Array
     num_nodes: jax.Array
     iteration: jax.Array
     nfe: jax.Array
@@ -90,6 +92,7 @@ def empty(capacity: int, state_template: Any) -> Tree:
         log_value=jnp.full((capacity,), -jnp.inf, jnp.float32),
         heuristic=jnp.zeros((capacity,), jnp.float32),
         log_survival=jnp.zeros((capacity,), jnp.float32),
+        log_ref=jnp.zeros((capacity,), jnp.float32),
         num_nodes=jnp.asarray(1, jnp.int32),
         iteration=jnp.asarray(0, jnp.int32),
         nfe=jnp.asarray(0, jnp.int32),
