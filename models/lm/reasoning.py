@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from . import corpora, train
 from .checkpoint import load_model, save_model
 from .program import LMProgram, ancestral_sample, prompt_caches, vmap_prompts
-from .rewards import verifier_log_probs
+from .rewards import prefix_values, verifier_log_probs
 from .tokenizer import PAD
 from .transformer import LMConfig, Transformer
 
@@ -167,7 +167,7 @@ def finetune_verifier(model: Transformer, batches, *, steps: int, batch_size: in
 
 
 def prefix_scores(prm_model: Transformer, tok, problems, samples: np.ndarray) -> np.ndarray:
-    """[P, n, T] PRM values v_t = Σ_{s≤t} log c_s after every generated token of ``samples`` [P, n, T]
+    """[P, n, T] PRM values v_t after every generated token of ``samples`` [P, n, T]
     (the same numbers as :meth:`ProcessRewardModel.prefix_log_probs`, for many problems in one pass)."""
     prompts = [tok.encode(p.prompt) for p in problems]
     width = max(len(p) for p in prompts)
@@ -182,8 +182,8 @@ def prefix_scores(prm_model: Transformer, tok, problems, samples: np.ndarray) ->
     lp = _prm_logp(prm_model, jnp.asarray(seqs.reshape(P * n, -1)))
     lp = np.asarray(lp).reshape(P, n, -1)
     idx = lengths[:, None, None] + np.arange(T)[None, None]  # position of generated token t
-    per_token = np.where(samples != PAD, np.take_along_axis(lp, np.broadcast_to(idx, (P, n, T)), axis=-1), 0.0)
-    return np.cumsum(per_token, axis=-1)
+    at = np.take_along_axis(lp, np.broadcast_to(idx, (P, n, T)), axis=-1)
+    return np.asarray(prefix_values(prm_model, jnp.asarray(at), jnp.asarray(samples)))
 
 
 _prm_logp = jax.jit(verifier_log_probs)

@@ -11,9 +11,10 @@ target is σ(x) ∝ p₀(x | prompt) exp(r(x)/β).
   posterior of the middle given the end (Zhao et al. 2024, infilling).
 * :class:`ProcessRewardModel` — for the arithmetic chains: v_t = log P(no wrong step in x_{≤t} | prompt, x_{≤t})
   at every position; its value at a step boundary scores a partial solution, after the last token it is an
-  outcome reward. The network is a per-token verifier: its output at generated position s is
+  outcome reward. The shipped network is a per-token verifier: its output at generated position s is
   c_s = P(x_s is right | prompt, x_{≤s}, all of x_{<s} right), and by the chain rule
-  v_t = Σ_{s≤t} log c_s, non-increasing in t (a wrong step can never be repaired). :class:`WithProcessReward`
+  v_t = Σ_{s≤t} log c_s, non-increasing in t (a wrong step can never be repaired); a 2-output prefix
+  classifier giving v_t directly works too. :class:`WithProcessReward`
   carries the value of the last completed step in the program state (computed only at step boundaries), so
   particle filtering can use the ratio ψ_t/ψ_{t−1} of PRM values as its incremental weight (Puri et al. 2025,
   "A probabilistic inference approach to inference-time scaling of LLMs using particle-based Monte Carlo
@@ -33,7 +34,8 @@ from .tokenizer import PAD
 from .transformer import Transformer
 
 __all__ = ["ClassifierReward", "WordPresence", "Infilling", "ProcessRewardModel", "WithProcessReward", "PRMState",
-           "PRMTwist", "place_after_prompt", "verifier_log_probs"]
+           "PRMTwist", "place_after_prompt", "verifier_log_probs",
+           "prefix_values"]
 
 
 def place_after_prompt(prompt_tokens: jax.Array, prompt_len: jax.Array, tokens: jax.Array, total: int) -> jax.Array:
@@ -151,15 +153,14 @@ class Infilling:
 
 
 def verifier_log_probs(model: Transformer, seqs: jax.Array) -> jax.Array:
-    """[B, S] log c at every position of ``seqs`` [B, S]: log P(token j is right | tokens before it right).
+    """[B, S] the verifier's log-probability at every position of ``seqs`` [B, S]. Two kinds of PRM network:
 
-    Two parametrisations of the per-token verifier:
-
-    * a 2-output classifier (wrong, right): c_j = softmax(f(seq_{≤j}))[1];
-    * a next-token verifier (one output per vocabulary entry): c_j = softmax(f(seq_{<j}))[seq_j], the
-      probability that the right token at j is the one written. As the right token after a right prefix is
-      unique, "x_j is right" is the event "the right token = x_j", so a softmax over the vocabulary is a
-      calibrated classifier for it and every other token is a negative (position 0 gets log c = 0)."""
+    * a 2-output prefix classifier (wrong, right), as ``python -m models.lm.train --task prm`` trains:
+      log P(no wrong token in seq_{≤j}) directly;
+    * a per-token next-token verifier (one output per vocabulary entry, ``models.lm.reasoning``):
+      log c_j = log softmax(f(seq_{<j}))[seq_j], the probability that the right token at j is the one written
+      (after a right prefix the right token is unique, so "x_j is right" is the event "the right token = x_j",
+      and a softmax over the vocabulary is a classifier for it); position 0 gets log c = 0."""
     logits, _ = model(seqs)
     if model.num_outputs == 2:
         return jax.nn.log_softmax(logits, axis=-1)[..., 1]
@@ -168,14 +169,26 @@ def verifier_log_probs(model: Transformer, seqs: jax.Array) -> jax.Array:
     return jnp.concatenate([jnp.zeros_like(picked[:, :1]), picked], axis=1)
 
 
+def prefix_values(model: Transformer, per_position: jax.Array, tokens: jax.Array) -> jax.Array:
+    """[..., T] v_t = log P(no wrong step in x_{≤t}) from :func:`verifier_log_probs` read at the generated
+    positions: the prefix classifier's value itself, or Σ_{s≤t} log c_s for the per-token verifier (chain
+    rule). ``<pad>`` positions (after ``<eos>``) keep the value of the last real token."""
+    real = tokens != PAD
+    if model.num_outputs == 2:
+        last = jnp.maximum(real.sum(-1, keepdims=True) - 1, 0)
+        idx = jnp.minimum(jnp.arange(tokens.shape[-1]), last)
+        return jnp.take_along_axis(per_position, jnp.broadcast_to(idx, per_position.shape), axis=-1)
+    return jnp.cumsum(jnp.where(real, per_position, 0.0), axis=-1)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ProcessRewardModel:
     """v_t = log P(no wrong step in x_{≤t} | prompt, x_{≤t}) = Σ_{s≤t} log c_s from a per-token verifier.
 
-    The verifier (:func:`verifier_log_probs`) gives at generated position s the probability c_s that x_s is
-    the right token given that the prefix before it is right (trained on exactly labelled prefixes, see
-    :mod:`models.lm.reasoning`); ``<pad>`` positions (after ``<eos>``) contribute log 1 = 0."""
+    With the per-token verifier of :mod:`models.lm.reasoning` (trained on exactly labelled prefixes) c_s is the
+    probability that x_s is the right token given that the prefix before it is right; a 2-output prefix
+    classifier gives v_t directly (:func:`verifier_log_probs`, :func:`prefix_values`)."""
 
     model: Transformer
     prompt_tokens: jax.Array
@@ -195,24 +208,20 @@ class ProcessRewardModel:
             raise ValueError(f"ProcessRewardModel: prompt + generation ({total} tokens) exceed its max_len {model.cfg.max_len}")
         return cls(model, program.prompt.tokens, program.prompt.length, program.num_steps)
 
-    def token_log_probs(self, tokens: jax.Array) -> jax.Array:
-        """[T] log c_t: log P(x_t right | prefix before it right), 0 at ``<pad>``."""
+    def prefix_log_probs(self, tokens: jax.Array) -> jax.Array:
+        """[T] v_t = log P(right so far) after each generated token (position t sees x_{≤t})."""
         tokens = jnp.asarray(tokens, jnp.int32)
         total = self.prompt_tokens.shape[0] + self.num_steps
         seq = place_after_prompt(self.prompt_tokens, self.prompt_len, tokens, total)
-        lc = verifier_log_probs(self.model, seq[None])[0]
-        return jnp.where(tokens != PAD, jax.lax.dynamic_slice(lc, (self.prompt_len,), (self.num_steps,)), 0.0)
-
-    def prefix_log_probs(self, tokens: jax.Array) -> jax.Array:
-        """[T] v_t = log P(right so far) after each generated token (position t sees x_{≤t})."""
-        return jnp.cumsum(self.token_log_probs(tokens))
+        lc = jax.lax.dynamic_slice(verifier_log_probs(self.model, seq[None])[0], (self.prompt_len,), (self.num_steps,))
+        return prefix_values(self.model, lc, tokens)
 
     def at(self, tokens: jax.Array, t) -> jax.Array:
         return self.prefix_log_probs(tokens)[t]
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """Outcome reward: v after the last generated token, log P(the whole solution is right)."""
-        return jnp.sum(self.token_log_probs(tokens))
+        return self.prefix_log_probs(tokens)[-1]
 
 
 class PRMState(NamedTuple):
