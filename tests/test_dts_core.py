@@ -342,6 +342,9 @@ def test_errors(target):
         search.dts(jax.random.PRNGKey(0), target, -1)
     with pytest.raises(ValueError, match="Sequential"):
         search.dts(jax.random.PRNGKey(0), BASE, 5)
+    # the twisted variant's splits can outgrow the worst case of one rollout per iteration: an error after the run
+    with pytest.raises(ValueError, match="filled its capacity"):
+        search.dts(jax.random.PRNGKey(0), target, 20, variant="twisted", twist=lambda s, t: 4.0 * prefix_twist(s, t))
     # a documented stop instead of the error: iterations that would not fit are skipped and flagged
     _, tree = search.dts(jax.random.PRNGKey(0), target, 50, capacity=4 * (T + 1), on_full="stop")
     assert bool(tree.full) and int(tree.num_nodes) <= 4 * (T + 1)

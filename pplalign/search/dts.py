@@ -544,8 +544,9 @@ def dts(
       widening_c, widening_alpha: progressive widening m_n < C·(N_n + 1)^α.
       uct_c: DTS*'s exploration constant.
       tree: a tree from an earlier call (or :func:`pplalign.search.load_tree`) to continue.
-      on_full: ``"error"`` refuses, before running, a capacity that could run out; ``"stop"`` runs anyway and
-        skips the iterations whose rollout would not fit (``tree.full`` tells).
+      on_full: ``"error"`` refuses, before running, a capacity that could run out (and raises after the run if
+        the twisted variant's splits filled it); ``"stop"`` runs anyway and skips the iterations whose rollout
+        would not fit (``tree.full`` tells).
       chunk_size: iterations per compiled call (a progress-bar tick); the result does not depend on it.
 
     Returns:
@@ -579,6 +580,11 @@ def dts(
             "raise capacity, or pass on_full='stop' to stop growing when full"
         )
     tree = grow(key, tree, target, int(num_iterations), config, twist, chunk_size, progress)
+    if on_full == "error" and bool(tree.full):  # only the twisted variant's splits can outgrow the worst case above
+        raise ValueError(
+            f"the tree filled its capacity {tree.capacity} before {num_iterations} iterations: the 'twisted' variant "
+            "splits nodes (up to 64·(T + 1) new nodes per iteration); raise capacity, or pass on_full='stop'"
+        )
     if bool(tree.nonfinite):
         name = getattr(target.reward, "__qualname__", None) or type(target.reward).__name__
         raise ValueError(f"reward {name!r} (or the twist) returned NaN or +inf during the tree search; rewards must be finite or -inf")
