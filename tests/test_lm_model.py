@@ -8,7 +8,7 @@ from flax import nnx
 
 from models.lm import corpora
 from models.lm.checkpoint import load_model, load_params, save_model
-from models.lm.tokenizer import BOS, EOS, PAD, Tokenizer
+from models.lm.tokenizer import BOS, EOS, Tokenizer
 from models.lm.train import corrupt_solution, train
 from models.lm.transformer import LMConfig, Transformer
 
