@@ -19,13 +19,11 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from experiments.dts_gmm import build, evaluate
 from pplalign import metrics, search
 from pplalign.search import DTSConfig
-
-from experiments.dts_gmm import build, evaluate
 
 
 def main(argv=None):
