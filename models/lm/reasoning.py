@@ -190,24 +190,14 @@ _prm_logp = jax.jit(verifier_log_probs)
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve = P(score of a random positive > score of a random negative), ties ½."""
-    scores, labels = np.asarray(scores, float), np.asarray(labels, bool)
-    pos, neg = scores[labels], scores[~labels]
-    if len(pos) == 0 or len(neg) == 0:
+    """Area under the ROC curve = P(score of a random positive > score of a random negative), ties ½
+    (scikit-learn's ``roc_auc_score``)."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels, bool)
+    if labels.all() or not labels.any():
         raise ValueError("the AUC needs both positive and negative examples")
-    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
-    allv = np.concatenate([pos, neg])[order]
-    ranks = np.empty(len(allv))
-    i = 0
-    while i < len(allv):  # average ranks over ties
-        j = i
-        while j + 1 < len(allv) and allv[j + 1] == allv[i]:
-            j += 1
-        ranks[i:j + 1] = (i + j) / 2 + 1
-        i = j + 1
-    r = np.empty(len(allv))
-    r[order] = ranks
-    return float((r[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+    return float(roc_auc_score(labels, np.asarray(scores, float)))
 
 
 def prm_auc(prm_model: Transformer, lm: Transformer, tok, problems, per_problem: int, key: jax.Array) -> dict:
