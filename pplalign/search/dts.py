@@ -313,16 +313,7 @@ def _expand_twisted(target, twist, tree: Tree, node, key, config: DTSConfig, act
         n = num_before + count - 1 - j
         internal = (tree.level[n] < leaf_level) & (tree.log_survival[n] > -jnp.inf)
 
-        def add(carry, child):
-            m, s = carry
-            v = buf[child - num_before]
-            new_m = jnp.maximum(m, v)
-            safe = jnp.where(jnp.isfinite(new_m), new_m, 0.0)
-            return new_m, s * jnp.exp(m - safe) + jnp.exp(v - safe)
-
-        m, s = tree_lib._fold_children(tree, n, add, (jnp.asarray(-jnp.inf, f32), jnp.asarray(0.0, f32)))
-        safe = jnp.where(jnp.isfinite(m), m, 0.0)
-        lse = jnp.where(s > 0, jnp.log(jnp.where(s > 0, s, 1.0)) + safe, -jnp.inf)
+        lse = tree_lib.children_logsumexp(tree, n, value_of=lambda child: buf[child - num_before])
         mean = lse - jnp.log(jnp.maximum(tree.num_children[n], 1).astype(f32)) - tree.log_survival[n]
         return buf.at[n - num_before].set(jnp.where(internal, mean, tree.log_value[n]))
 

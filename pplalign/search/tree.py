@@ -138,13 +138,15 @@ def _fold_children(tree: Tree, node: jax.Array, fn, init):
     return jax.lax.while_loop(cond, body, (tree.first_child[node], init))[1]
 
 
-def children_logsumexp(tree: Tree, node: jax.Array, exclude=NO_NODE) -> jax.Array:
-    """log Σ_c exp(log_value[c]) over the children of ``node`` other than ``exclude`` (streaming, stable;
-    −inf if none)."""
+def children_logsumexp(tree: Tree, node: jax.Array, exclude=NO_NODE, value_of=None) -> jax.Array:
+    """log Σ_c exp(v_c) over the children of ``node`` other than ``exclude`` (streaming, stable; −inf if none),
+    with v_c = ``value_of(c)`` (default: the stored ``log_value[c]``)."""
+    if value_of is None:
+        value_of = lambda child: tree.log_value[child]
 
     def step(carry, child):
         m, s = carry
-        v = jnp.where(child == exclude, -jnp.inf, tree.log_value[child])
+        v = jnp.where(child == exclude, -jnp.inf, value_of(child))
         new_m = jnp.maximum(m, v)
         safe = jnp.where(jnp.isfinite(new_m), new_m, 0.0)
         return new_m, s * jnp.exp(m - safe) + jnp.exp(v - safe)
