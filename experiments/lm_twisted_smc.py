@@ -111,19 +111,9 @@ def run_task(task: str, cfg: dict, lm, tok, clf, key) -> dict:
 
 
 def table(task: str, res: dict, counts) -> str:
-    lines = [f"task {task}: T = {res['num_steps']}, β = {res['beta']:g}, reference log Z = {res['log_Z_ref']:.3f} "
-             f"± {res['log_Z_ref_se']:.3f} (rejection, {res['rejection']['draws']} draws)"]
-    head = f"{'twist':<10}" + "".join(f"{'N=' + str(n) + ' lower / upper (sd)':>34}" for n in counts)
-    lines.append(head + f"{'ESS/N':>7}{'KL(q‖σ)':>9}{'KL(σ‖q)':>9}{'sym':>7}")
-    for m, r in res["methods"].items():
-        row = f"{m:<10}"
-        for n in counts:
-            b = r["by_num_particles"][str(n)]
-            row += f"{b['lower']:>9.3f} ({b['lower_sd']:.2f}) / {b['upper']:.3f} ({b['upper_sd']:.2f})".rjust(34)
-        ess = r["by_num_particles"][str(counts[-1])]["ess"]
-        row += f"{ess:>7.2f}{r['kl_q_sigma']:>9.3f}{r['kl_sigma_q']:>9.3f}{r['kl_sym']:>7.3f}"
-        lines.append(row)
-    return "\n".join(lines)
+    title = (f"task {task}: T = {res['num_steps']}, β = {res['beta']:g}, reference log Z = {res['log_Z_ref']:.3f} "
+             f"± {res['log_Z_ref_se']:.3f} (rejection, {res['rejection']['draws']} draws)")
+    return title + "\n" + evaluation.bounds_table(res["methods"], particle_counts=list(counts))
 
 
 def plot(results: dict, counts, path: str) -> None:

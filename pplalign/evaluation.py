@@ -139,19 +139,31 @@ def exact_kl(target: Any, twist: Any, all_refs: Any, log_sigma: jax.Array, chunk
 
 
 def bounds_table(results: dict, log_Z: Optional[float] = None, particle_counts: Optional[Sequence[int]] = None) -> str:
-    """A plain-text table of ``{method: {"by_num_particles": {N: {lower, upper, ...}}, kl_...}}``."""
+    """A plain-text table of ``{method: {"by_num_particles": {N: {lower, upper, ...}}, kl_...}}``: the bounds at
+    each N (with their seed sd in parentheses where ``lower_sd``/``upper_sd`` are given), the ESS/N at the largest
+    N where given, and the two KLs."""
     methods = list(results)
     if particle_counts is None:
         particle_counts = sorted({int(n) for m in methods for n in results[m]["by_num_particles"]})
-    head = f"{'method':<10}" + "".join(f"{'N=' + str(n) + ' lower/upper':>24}" for n in particle_counts)
-    head += f"{'KL(σ‖q)':>10}{'KL(q‖σ)':>10}"
+    bound = lambda m, n: results[m]["by_num_particles"].get(str(n), results[m]["by_num_particles"].get(n))
+    with_sd = all("lower_sd" in bound(m, n) for m in methods for n in particle_counts)
+    with_ess = all("ess" in bound(m, particle_counts[-1]) for m in methods)
+    width = 34 if with_sd else 24
+    head = f"{'method':<10}" + "".join(f"{'N=' + str(n) + ' lower/upper' + (' (sd)' if with_sd else ''):>{width}}"
+                                       for n in particle_counts)
+    head += (f"{'ESS/N':>7}" if with_ess else "") + f"{'KL(σ‖q)':>10}{'KL(q‖σ)':>10}"
     lines = [] if log_Z is None else [f"exact log Z = {log_Z:.4f}"]
     lines.append(head)
     for m in methods:
         row = f"{m:<10}"
         for n in particle_counts:
-            b = results[m]["by_num_particles"][str(n)] if str(n) in results[m]["by_num_particles"] else results[m]["by_num_particles"][n]
-            row += f"{b['lower']:>11.3f} / {b['upper']:<10.3f}"
+            b = bound(m, n)
+            if with_sd:
+                row += f"{b['lower']:.3f} ({b['lower_sd']:.2f}) / {b['upper']:.3f} ({b['upper_sd']:.2f})".rjust(width)
+            else:
+                row += f"{b['lower']:>11.3f} / {b['upper']:<10.3f}"
+        if with_ess:
+            row += f"{bound(m, particle_counts[-1])['ess']:>7.2f}"
         row += f"{results[m].get('kl_sigma_q', float('nan')):>10.3f}{results[m].get('kl_q_sigma', float('nan')):>10.3f}"
         lines.append(row)
     return "\n".join(lines)
