@@ -156,3 +156,28 @@ def test_reasoning_scaling_quick(tmp_path):
         # a pool method returns one of its n samples' answers: never above pass@n
         assert all(a <= p + 1e-12 for a, p in zip(result["accuracy"][m], result["pass_at_n"])), m
     assert (tmp_path / "accuracy.png").exists() and (tmp_path / "results.json").exists()
+
+
+def test_verifier_finetune_resumes_exactly(tmp_path):
+    """The PRM fine-tune runs on models.lm.train.fit: stopped midway and resumed from its state directory, it
+    ends with the parameters and losses of an uninterrupted run."""
+    from flax import nnx
+
+    from models.lm.transformer import LMConfig, Transformer
+
+    tok = corpora.arithmetic_tokenizer()
+    cfg = LMConfig(tok.vocab_size, max_len=32, d_model=16, num_layers=1, num_heads=2, d_ff=32)
+    rng = np.random.default_rng(0)
+    rows = [reasoning.label_prefixes(p, corpora.reference_ids(p, tok), corpora.SOLUTION_LEN, tok, 32)
+            for p in corpora.sample_problems(rng, 8)]
+    batches = reasoning.prm_batches(tuple(np.stack([r[j] for r in rows]) for j in range(3)))
+    kw = dict(steps=4, batch_size=4, progress=False)
+    straight, losses = reasoning.finetune_verifier(Transformer(cfg, rngs=nnx.Rngs(0)), batches, **kw)
+    state = tmp_path / "state"
+    _, first = reasoning.finetune_verifier(Transformer(cfg, rngs=nnx.Rngs(0)), batches, state_dir=state, stop_after=3, **kw)
+    assert state.exists() and len(first) == 3
+    resumed, second = reasoning.finetune_verifier(Transformer(cfg, rngs=nnx.Rngs(0)), batches, state_dir=state, **kw)
+    assert len(second) == 1
+    np.testing.assert_allclose(first + second, losses, rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(nnx.state(straight, nnx.Param)), jax.tree_util.tree_leaves(nnx.state(resumed, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

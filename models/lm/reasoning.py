@@ -39,15 +39,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
-from tqdm.auto import tqdm
 
 from . import corpora, train
 from .checkpoint import load_model, save_model
@@ -146,24 +146,22 @@ def verifier_loss(model: Transformer, batch: train.Batch) -> jax.Array:
 
 
 def finetune_verifier(model: Transformer, batches, *, steps: int, batch_size: int = 64, lr: float = 3e-4,
-                      seed: int = 0, progress: bool = True) -> tuple[Transformer, list[float]]:
-    """AdamW on :func:`verifier_loss`; the batch at step k is ``batches(default_rng([seed, k]), ...)``."""
-    graphdef, params = nnx.split(model, nnx.Param)
+                      seed: int = 0, progress: bool = True, state_dir=None,
+                      stop_after: Optional[int] = None) -> tuple[Transformer, list[float]]:
+    """AdamW (cosine-decayed ``lr``, no weight decay) on :func:`verifier_loss`; the batch at step k is
+    ``batches(default_rng([seed, k]), ...)``. Runs on :func:`models.lm.train.fit`: with ``state_dir`` the
+    training state is checkpointed there (every 100 steps and on ``stop_after``) and a later call resumes it."""
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=0.0))
-    opt_state = opt.init(params)
-
-    @jax.jit
-    def update(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(lambda p: verifier_loss(nnx.merge(graphdef, p), batch))(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    losses = []
-    for k in tqdm(range(steps), desc="train verifier", disable=not progress):
-        batch = batches(np.random.default_rng([seed, k]), batch_size, model.cfg.max_len)
-        params, opt_state, loss = update(params, opt_state, jax.tree_util.tree_map(jnp.asarray, batch))
-        losses.append(float(loss))
-    return nnx.merge(graphdef, params), losses
+    own_dir = state_dir is None
+    state_dir = Path(tempfile.mkdtemp(prefix="verifier_state_")) if own_dir else Path(state_dir)
+    try:
+        model, losses, _ = train.fit(model, verifier_loss, batches, state_dir, steps=steps, optimizer=opt,
+                                     batch_size=batch_size, seed=seed, save_every=100, stop_after=stop_after,
+                                     progress=progress, desc="train verifier")
+    finally:
+        if own_dir:
+            shutil.rmtree(state_dir, ignore_errors=True)
+    return model, losses
 
 
 def prefix_scores(prm_model: Transformer, tok, problems, samples: np.ndarray) -> np.ndarray:
@@ -240,8 +238,10 @@ def main(argv=None):
         verifier, _ = load_model(teacher)
     data = on_policy_examples(jax.random.key(a.seed + 1), lm, tok, np.random.default_rng([a.seed, 1]),
                               a.on_policy_problems, 4, verifier.cfg.max_len)
-    verifier, losses = finetune_verifier(verifier, prm_batches(data), steps=a.prm_steps, seed=a.seed)
+    state_dir = Path(a.out_prm).resolve().parent / (Path(a.out_prm).name + ".train_state")  # resumable
+    verifier, losses = finetune_verifier(verifier, prm_batches(data), steps=a.prm_steps, seed=a.seed, state_dir=state_dir)
     save_model(a.out_prm, verifier, tok)
+    shutil.rmtree(state_dir, ignore_errors=True)
     Path(a.out_prm, "train_log.json").write_text(json.dumps(dict(
         task="per-token verifier fine-tuned on labelled prefixes (models.lm.reasoning)", steps=a.prm_steps,
         batch_size=64, lr=3e-4, seed=a.seed, teacher_steps=a.teacher_steps, on_policy_problems=a.on_policy_problems,

@@ -33,7 +33,7 @@ from .checkpoint import save_model
 from .tokenizer import PAD, Tokenizer
 from .transformer import LMConfig, Transformer
 
-__all__ = ["TASKS", "Task", "train", "default_config"]
+__all__ = ["TASKS", "Task", "fit", "train", "default_config"]
 
 
 class Batch(NamedTuple):
@@ -148,6 +148,58 @@ def _loss(model: Transformer, batch: Batch, heads: tuple):
     return jnp.sum(nll * batch.weights) / jnp.maximum(jnp.sum(batch.weights), 1.0)
 
 
+def fit(model: Transformer, loss_fn, batches, state_dir: str | Path, *, steps: int, optimizer,
+        batch_size: int = 64, seed: int = 0, save_every: int = 200, stop_after: Optional[int] = None,
+        progress: bool = True, desc: str = "train") -> tuple[Transformer, list[float], bool]:
+    """Minimise ``loss_fn(model, batch)`` over the model's parameters with ``optimizer`` (an optax transform),
+    the batch at step k being ``batches(default_rng([seed, k]), batch_size, model.cfg.max_len)``.
+
+    The training state (parameters, optimizer state, step) is checkpointed with orbax to ``state_dir`` every
+    ``save_every`` steps and when the call stops early; a later call with the same ``state_dir`` resumes from
+    it and, the batches being a function of (seed, k), continues as if never stopped. ``stop_after`` stops
+    after that many steps of this call (an interruption, for tests). Returns (model, this call's losses,
+    finished). The state is kept after a finished run too: the caller deletes ``state_dir`` once it has
+    exported the model, so that a crash in between loses nothing."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    opt_state = optimizer.init(params)
+    state_dir = Path(state_dir).resolve()
+    step = 0
+    manager = ocp.CheckpointManager(state_dir, options=ocp.CheckpointManagerOptions(max_to_keep=1))
+    if manager.latest_step() is not None:
+        template = {"params": params, "opt_state": opt_state, "step": np.asarray(0)}
+        restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(template))
+        params, opt_state, step = restored["params"], restored["opt_state"], int(restored["step"])
+
+    @jax.jit
+    def update(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p), batch))(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    def save(k):
+        manager.save(k, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state, "step": np.asarray(k)}), force=True)
+        manager.wait_until_finished()
+
+    losses = []
+    todo = steps - step if stop_after is None else min(steps - step, stop_after)
+    bar = tqdm(range(step, step + todo), desc=desc, disable=not progress, initial=step, total=steps)
+    for k in bar:
+        batch = batches(np.random.default_rng([seed, k]), batch_size, model.cfg.max_len)
+        params, opt_state, loss = update(params, opt_state, jax.tree_util.tree_map(jnp.asarray, batch))
+        losses.append(float(loss))
+        step = k + 1
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        if step % save_every == 0 and step < steps:
+            save(step)
+    if step < steps:
+        save(step)
+        return nnx.merge(graphdef, params), losses, False
+    save(step)
+    manager.close()
+    return nnx.merge(graphdef, params), losses, True
+
+
 def train(task: str, out: str | Path, *, steps: int, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
           cfg: Optional[LMConfig] = None, save_every: int = 200, stop_after: Optional[int] = None,
           progress: bool = True, init_from: Optional[str] = None) -> tuple[Transformer, list[float]]:
@@ -176,40 +228,12 @@ def train(task: str, out: str | Path, *, steps: int, batch_size: int = 64, lr: f
         nnx.replace_by_pure_dict(params, dst)
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, max(steps // 10, 1)), steps, lr / 20)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
-    opt_state = opt.init(params)
-    step = 0
-    manager = ocp.CheckpointManager(out / "train_state", options=ocp.CheckpointManagerOptions(max_to_keep=1))
-    if manager.latest_step() is not None:
-        template = {"params": params, "opt_state": opt_state, "step": np.asarray(0)}
-        restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(template))
-        params, opt_state, step = restored["params"], restored["opt_state"], int(restored["step"])
-
-    @jax.jit
-    def update(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(lambda p: _loss(nnx.merge(graphdef, p), batch, spec.heads))(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    def save(k):
-        manager.save(k, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state, "step": np.asarray(k)}), force=True)
-        manager.wait_until_finished()
-
-    losses = []
-    todo = steps - step if stop_after is None else min(steps - step, stop_after)
-    bar = tqdm(range(step, step + todo), desc=f"train {task}", disable=not progress, initial=step, total=steps)
-    for k in bar:
-        batch = spec.batch(np.random.default_rng([seed, k]), batch_size, cfg.max_len)
-        params, opt_state, loss = update(params, opt_state, jax.tree_util.tree_map(jnp.asarray, batch))
-        losses.append(float(loss))
-        step = k + 1
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        if step % save_every == 0 and step < steps:
-            save(step)
-    if step < steps:  # interrupted on purpose: keep the state to resume
-        save(step)
-        return nnx.merge(graphdef, params), losses
     model = nnx.merge(graphdef, params)
+    model, losses, finished = fit(model, lambda m, batch: _loss(m, batch, spec.heads), spec.batch, out / "train_state",
+                                  steps=steps, optimizer=opt, batch_size=batch_size, seed=seed, save_every=save_every,
+                                  stop_after=stop_after, progress=progress, desc=f"train {task}")
+    if not finished:  # interrupted on purpose: the state is kept to resume
+        return model, losses
     save_model(out, model, spec.tokenizer)
     shutil.rmtree(out / "train_state", ignore_errors=True)
     (out / "train_log.json").write_text(json.dumps({"task": task, "steps": steps, "batch_size": batch_size,
