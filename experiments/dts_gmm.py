@@ -15,15 +15,22 @@ Methods, at equal NFE (transition evaluations):
   dts_consistent_fk  the same guided by the FK potential (Boltzmann on r(E[x_0|x_c])/β);
   dts_twisted_fk     variant "twisted": Boltzmann on the FK potential plus Russian roulette on it (unbiased);
   dts_twisted_oracle the same with the exact soft value as its twist (a diagnostic: the best a twist can do
-                     for this growth rule).
+                     for this growth rule);
+  smc_gp        pplalign.smc with the Gaussian-posterior twist (pplalign.potentials.GaussianPosteriorTwist: the
+                reward smoothed over N(x̂_0, v_s I), v_s from the data variance; no oracle knowledge);
+  dts_twisted_gp     variant "twisted" with that twist, level-calibrated by an independent 128-particle pilot
+                     (pplalign.search.calibrate_twist; its N·T NFE are counted). This is the consistent DTS of the
+                     headline keys: unbiased (value-blind growth), guided by a twist one can actually build.
 Each method returns ``n_eval`` equally weighted samples (IS/SMC: multinomial resampling of the weighted
 particles; DTS: draws from the tree, no NFE); metrics: energy distance to ``n_eval`` exact samples (the floor is
 the energy distance between two exact sets of that size), the TV between mode (component) weights, and
 E‖x − c‖². A DTS tree is grown once per seed and read at every budget (it is anytime).
+The headline keys are computed for ``dts_twisted_gp``; the uniform-selection ``dts_consistent`` is reported
+alongside (``*_others``).
 
 Full mode: 3 seeds per budget for every method (IS/SMC: independent runs; DTS: independent trees), reported as
 mean ± sd; the headline ratios use the seed means, and "first matches" interpolates log NFE linearly in log
-energy distance between budgets. Consistent DTS runs to 10⁶ NFE, the other trees to 10⁵ (CPU time).
+energy distance between budgets. ``dts_twisted_gp`` runs to 10⁶ NFE, the other trees to 10⁵ (CPU time).
 
 Prints a table, then one JSON line last: nfe_ratio_vs_is, nfe_ratio_vs_smc, floor_ratio, tilt_bias (see the
 issue).
@@ -46,6 +53,7 @@ import numpy as np
 import pplalign
 from models.gmm_diffusion import two_mode_problem
 from pplalign import metrics, search
+from pplalign.potentials import GaussianPosteriorTwist
 from pplalign.search import DTSConfig
 
 
@@ -100,16 +108,23 @@ def resample(key, p, n):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def grow_dts(target, config, twist, keys, budgets, capacity, n_eval, x_exact_sets, exact, center, progress=True):
+def grow_dts(target, config, twist, keys, budgets, capacity, n_eval, x_exact_sets, exact, center, progress=True, pilot=None):
     """Grow one tree per key until every budget is passed; evaluate samples at each budget.
+
+    ``pilot``: a number of particles: each tree's twist is first level-calibrated by its own independent pilot
+    (:func:`pplalign.search.calibrate_twist`), whose NFE count toward the budgets and the reported NFE.
 
     Seeds run one after the other, not vmapped: under ``vmap`` a ``while_loop`` with a batched predicate
     selects between old and new carry on every trip, which costs O(capacity) per trip for a big tree."""
     num_steps = target.num_steps
-    run = jax.jit(lambda k, tr, n: search.run_loop(k, tr, target, n, config, twist))
+    run_with = jax.jit(lambda k, tr, n, tw: search.run_loop(k, tr, target, n, config, tw))
     sample = jax.jit(lambda k, tr: search.sample_leaves(k, tr, num_steps, n_eval, False))
     rows, trees = [], []
     for s, key in enumerate(keys):
+        extra, seed_twist = 0, twist
+        if pilot is not None:
+            seed_twist = search.calibrate_twist(jax.random.fold_in(key, 11), target, twist, pilot)
+            extra = int(seed_twist.pilot_nfe)
         tree = search.init(target, capacity)
         rate = float(num_steps) / 2.0  # NFE per iteration, refined as we go
         iters = 0
@@ -119,9 +134,9 @@ def grow_dts(target, config, twist, keys, budgets, capacity, n_eval, x_exact_set
 
             bar = tqdm(total=int(budgets[-1]), desc=f"DTS {config.variant}{'+twist' if twist is not None else ''} seed {s}", leave=False)
         for budget in budgets:
-            while int(tree.nfe) < budget and not bool(tree.full):
-                chunk = int(np.clip((budget - int(tree.nfe)) / rate, 20, 20_000))
-                tree = run(key, tree, jnp.asarray(chunk, jnp.int32))
+            while int(tree.nfe) + extra < budget and not bool(tree.full):
+                chunk = int(np.clip((budget - extra - int(tree.nfe)) / rate, 20, 20_000))
+                tree = run_with(key, tree, jnp.asarray(chunk, jnp.int32), seed_twist)
                 iters += chunk
                 rate = max(1.0, int(tree.nfe) / iters)
                 if bar is not None:
@@ -130,7 +145,7 @@ def grow_dts(target, config, twist, keys, budgets, capacity, n_eval, x_exact_set
             leaves = sample(jax.random.fold_in(key, 7), tree)
             xs = np.asarray(tree.states.x[leaves])
             row = evaluate(xs, x_exact_sets[s], exact, center)
-            row.update(nfe=int(tree.nfe), seed=s, budget=int(budget), log_Z=float(tree.log_value[0]))
+            row.update(nfe=int(tree.nfe) + extra, seed=s, budget=int(budget), log_Z=float(tree.log_value[0]))
             rows.append(row)
         if bar is not None:
             bar.close()
@@ -292,10 +307,14 @@ def main(argv=None):
     rows = []
     fk = DenoisedRewardTwist(model, reward, jnp.float32(beta))
     oracle = model.soft_value_twist(reward, beta)
+    # what a user knows: the training data's per-coordinate variance (here from 10⁴ data draws)
+    data_variance = float(np.mean(np.var(np.asarray(model.sample_data(jax.random.PRNGKey(1), 10_000)), axis=0)))
+    gp = GaussianPosteriorTwist.create(model, reward, beta, data_variance=data_variance)
     smc_methods = {
         "is": lambda k, n: pplalign.importance_sampling(k, target, n),
         "fk_smc": lambda k, n: pplalign.smc(k, target, n, twist=fk),
         "smc_oracle": lambda k, n: pplalign.smc(k, target, n, twist=oracle),
+        "smc_gp": lambda k, n: pplalign.smc(k, target, n, twist=gp),
     }
     if args.quick:
         smc_methods.pop("smc_oracle")
@@ -321,9 +340,12 @@ def main(argv=None):
         print(f"[{time.time() - t_start:6.1f}s] {name} done", flush=True)
 
     small = budgets[-1] if args.quick else 100_000
+    consistent = "dts_twisted_gp"  # the consistent DTS of the headline keys
+    pilot_particles = 32 if args.quick else 128
     dts_runs = {  # name: (config, twist, largest budget)
         "dts": (DTSConfig("published"), None, small),
-        "dts_consistent": (DTSConfig("consistent"), None, budgets[-1]),
+        "dts_consistent": (DTSConfig("consistent"), None, small),
+        consistent: (DTSConfig("twisted"), gp, budgets[-1]),
         "dts_consistent_fk": (DTSConfig("consistent"), fk, small),
         "dts_twisted_fk": (DTSConfig("twisted"), fk, small),  # over-splits: each iteration fills its node budget
         "dts_twisted_oracle": (DTSConfig("twisted"), oracle, small),
@@ -343,7 +365,8 @@ def main(argv=None):
             continue
         if wanted is not None and name not in wanted:
             continue
-        rs, trees = grow_dts(target, config, twist, keys, dts_budgets, capacity, n_eval, x_exact, exact, center, progress=not args.quick)
+        pilot = pilot_particles if name == consistent else None
+        rs, trees = grow_dts(target, config, twist, keys, dts_budgets, capacity, n_eval, x_exact, exact, center, progress=not args.quick, pilot=pilot)
         for r in rs:
             r["method"] = name
         rows.extend(rs)
@@ -358,29 +381,31 @@ def main(argv=None):
         print(json.dumps({"incomplete": True, "missing": missing}))
         return
     # --- headline numbers -----------------------------------------------------------------------------------
-    top = max(r["budget"] for r in rows if r["method"] == "dts_consistent")
+    top = max(r["budget"] for r in rows if r["method"] == consistent)
     top_of = lambda m: max((r["budget"] for r in rows if r["method"] == m), default=None)  # each at its own largest budget
     ref_is = mean_at(rows, "is", ref_budget, "energy")
     ref_smc = mean_at(rows, "fk_smc", ref_budget, "energy")
-    match_is = first_match(rows, "dts_consistent", ref_is)
-    match_smc = first_match(rows, "dts_consistent", ref_smc)
+    match_is = first_match(rows, consistent, ref_is)
+    match_smc = first_match(rows, consistent, ref_smc)
     ratio = lambda m: (ref_budget / m) if m else 0.0
     all_methods = list(smc_methods) + list(dts_runs)
     table = table_of(rows, all_methods)
     summary = {
         "nfe_ratio_vs_is": ratio(match_is),
         "nfe_ratio_vs_smc": ratio(match_smc),
-        "floor_ratio": mean_at(rows, "dts_consistent", top, "energy") / floor,
+        "floor_ratio": mean_at(rows, consistent, top, "energy") / floor,
         "tilt_bias": {
             "dts": mean_at(rows, "dts", top_of("dts"), "sq_dist") - exact_sq,
-            "dts_consistent": mean_at(rows, "dts_consistent", top, "sq_dist") - exact_sq,
+            "dts_consistent": mean_at(rows, consistent, top, "sq_dist") - exact_sq,
         },
-        "tilt_bias_others": {m: mean_at(rows, m, top_of(m), "sq_dist") - exact_sq for m in ("dts_consistent_fk", "dts_twisted_fk", "dts_twisted_oracle") if m in dts_runs},
+        "consistent_method": consistent,
+        "tilt_bias_others": {m: mean_at(rows, m, top_of(m), "sq_dist") - exact_sq for m in ("dts_consistent", "dts_consistent_fk", "dts_twisted_fk", "dts_twisted_oracle") if m in dts_runs},
         "nfe_ratio_vs_is_others": {m: ratio(first_match(rows, m, ref_is)) for m in dts_runs},
         "floor_ratio_others": {m: [top_of(m), mean_at(rows, m, top_of(m), "energy") / floor] for m in dts_runs},
         "floor": floor,
         "reference_budget": ref_budget,
         "reference_energy": {"is": ref_is, "fk_smc": ref_smc},
+        "data_variance": data_variance,
         "largest_budget": top,
         "exact_sq_dist": exact_sq,
         "exact_log_Z": float(exact.log_Z),
@@ -402,7 +427,7 @@ def plot(rows, floor, exact_sq, out, values):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"is": "C0o-", "fk_smc": "C1s-", "smc_oracle": "C2^-", "dts": "C3v-", "dts_consistent": "C4D-", "dts_consistent_fk": "C5P-", "dts_twisted_fk": "C6X-", "dts_twisted_oracle": "C7*-"}
+    styles = {"is": "C0o-", "fk_smc": "C1s-", "smc_oracle": "C2^-", "smc_gp": "C8^--", "dts": "C3v-", "dts_consistent": "C4D-", "dts_consistent_fk": "C5P-", "dts_twisted_fk": "C6X-", "dts_twisted_oracle": "C7*-", "dts_twisted_gp": "C9D-"}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for metric, ax, ylabel in (("energy", axes[0], "energy distance to σ"), ("mode_tv", axes[1], "mode-weight TV"), ("sq_dist", axes[2], "E‖x − c‖²")):
         for method, style in styles.items():
@@ -427,7 +452,7 @@ def plot(rows, floor, exact_sq, out, values):
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method, style in (("dts", "C3v-"), ("dts_consistent", "C4D-"), ("dts_consistent_fk", "C5P-"), ("dts_twisted_fk", "C6X-"), ("dts_twisted_oracle", "C7*-")):
+    for method, style in (("dts", "C3v-"), ("dts_consistent", "C4D-"), ("dts_consistent_fk", "C5P-"), ("dts_twisted_fk", "C6X-"), ("dts_twisted_oracle", "C7*-"), ("dts_twisted_gp", "C9D-")):
         errs = values.get(method, {}).get("all", {})
         if errs:
             lv = sorted(errs)

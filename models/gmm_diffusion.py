@@ -125,6 +125,10 @@ class GMMDiffusion:
         return self.means.shape[-1]
 
     @property
+    def event_shape(self) -> tuple:
+        return (self.dim,)
+
+    @property
     def num_components(self) -> int:
         return self.means.shape[0]
 
@@ -292,6 +296,14 @@ class QuadraticReward:
 
     def __call__(self, x) -> jax.Array:
         return -self.gamma * jnp.sum((jnp.asarray(x) - self.center) ** 2, axis=-1)
+
+    def log_gaussian_expectation(self, mean, var, beta) -> jax.Array:
+        """log E_{x ~ N(mean, var·I)}[exp(r(x)/β)] in closed form: with a = 2γ/β,
+        −(d/2)·log(1 + a·var) − a‖mean − c‖²/(2(1 + a·var)) (used by ``pplalign.potentials.GaussianPosteriorTwist``)."""
+        a = 2.0 * self.gamma / beta
+        d = self.center.shape[-1]
+        scale = 1.0 + a * var
+        return -0.5 * d * jnp.log(scale) - 0.5 * a * jnp.sum((jnp.asarray(mean) - self.center) ** 2, axis=-1) / scale
 
 
 @jax.tree_util.register_dataclass

@@ -33,7 +33,16 @@ from .particles import Particles
 from .programs import Tilted, tilt
 from .smc import smc
 
-__all__ = ["DenoisedRewardTwist", "RunningMax", "RunningMaxState", "MaxTwist", "lambda_schedule", "fk_steering"]
+__all__ = [
+    "DenoisedRewardTwist",
+    "GaussianPosteriorTwist",
+    "posterior_variance",
+    "RunningMax",
+    "RunningMaxState",
+    "MaxTwist",
+    "lambda_schedule",
+    "fk_steering",
+]
 
 
 def lambda_schedule(num_steps: int, lambdas: Any = None) -> jax.Array:
@@ -72,6 +81,74 @@ class DenoisedRewardTwist:
     def log_psi_at(self, x, s, t) -> jax.Array:
         """log ψ_t as a differentiable function of the point x at diffusion time s (guidance; one NFE)."""
         return self.lambdas[t] * jnp.asarray(self.reward(self.base.denoise(x, s))) / self.beta
+
+
+def posterior_variance(alpha_bar, data_variance=None) -> jax.Array:
+    """Per-coordinate variance v_s of x_0 | x_s under a Gaussian data prior N(·, s²I) for the VP forward
+    x_s = √ᾱ_s x_0 + √(1 − ᾱ_s) ε:  v_s = s²(1 − ᾱ_s)/(ᾱ_s s² + 1 − ᾱ_s) (the ΠGDM choice, Song et al. 2023);
+    ``data_variance=None`` is the flat-prior limit (1 − ᾱ_s)/ᾱ_s. v_0 = 0 (ᾱ_0 = 1)."""
+    ab = jnp.asarray(alpha_bar, jnp.float32)
+    noise = 1.0 - ab
+    if data_variance is None:
+        return noise / ab
+    s2 = jnp.asarray(data_variance, jnp.float32)
+    return s2 * noise / (ab * s2 + noise)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GaussianPosteriorTwist:
+    """A soft-value guess that smooths the reward over the denoiser's uncertainty:
+
+        log ψ̃_t(x_s) = log E_{x_0 ~ N(x̂_0(x_s), v_s I)}[exp(r(x_0)/β)],   v_s = :func:`posterior_variance`,
+
+    i.e. the exact soft value log E[exp(r(x_0)/β) | x_s] with p(x_0 | x_s) replaced by the Gaussian with the
+    denoiser's mean and a prior-based variance (ΠGDM, Song et al. 2023; the Gaussian moment projection of
+    Boys et al. 2023). At s = 0 it is r(x_0)/β. The denoised-mean reward r(x̂_0)/β of FK steering is the
+    v_s = 0 limit: it states a certainty the denoiser does not have at high noise, so it over-rewards points
+    whose posterior straddles two distant modes; smoothing by v_s removes most of that (see docs/dts.md).
+
+    The expectation is in closed form when the reward has ``log_gaussian_expectation(mean, var, beta)``
+    (``models.gmm_diffusion.QuadraticReward`` does), else a Monte Carlo average over the fixed antithetic
+    standard-normal draws ``draws`` (made by :meth:`create`; fixed, so ψ̃ is a deterministic function of the
+    state, as DTS's value-blind growth needs). It reads the program's cached x̂_0 (``denoised``), its
+    ``alpha_bars`` and the state's diffusion ``time``: no network evaluation.
+    """
+
+    base: Any
+    reward: Callable
+    beta: jax.Array
+    data_variance: Any  # [] or None
+    draws: Any  # [K, *event] standard normals, or None for the closed form
+
+    @staticmethod
+    def create(base, reward, beta, data_variance=None, num_draws: int = 64, seed: int = 0) -> "GaussianPosteriorTwist":
+        _require(base, "denoised", "alpha_bars")
+        if data_variance is not None and not float(data_variance) > 0:
+            raise ValueError(f"data_variance must be > 0 (or None for the flat-prior limit); got {data_variance}")
+        draws = None
+        if not hasattr(reward, "log_gaussian_expectation"):
+            if num_draws < 2 or num_draws % 2:
+                raise ValueError(f"num_draws must be an even number >= 2 (antithetic pairs); got {num_draws}")
+            shape = tuple(getattr(base, "event_shape", None) or ())
+            if not shape:
+                raise ValueError(f"{type(base).__name__} lacks event_shape, which the Monte Carlo draws need")
+            half = jax.random.normal(jax.random.PRNGKey(seed), (num_draws // 2, *shape), jnp.float32)
+            draws = jnp.concatenate([half, -half], axis=0)
+        dv = None if data_variance is None else jnp.asarray(data_variance, jnp.float32)
+        return GaussianPosteriorTwist(base, reward, jnp.asarray(beta, jnp.float32), dv, draws)
+
+    def log_psi(self, mean, var) -> jax.Array:
+        """log E_{N(mean, var·I)}[exp(r(x)/β)]."""
+        if self.draws is None:
+            return jnp.asarray(self.reward.log_gaussian_expectation(mean, var, self.beta))
+        xs = mean[None] + jnp.sqrt(var) * self.draws
+        values = jax.vmap(lambda x: jnp.asarray(self.reward(x), jnp.float32))(xs) / self.beta
+        return jax.nn.logsumexp(values) - jnp.log(values.shape[0])
+
+    def __call__(self, state, t) -> jax.Array:
+        var = posterior_variance(self.base.alpha_bars[state.time], self.data_variance)
+        return self.log_psi(self.base.denoised(state), var)
 
 
 class RunningMaxState(NamedTuple):

@@ -28,6 +28,8 @@ def test_dts_gmm_quick(tmp_path):
     for key in ("nfe_ratio_vs_is", "nfe_ratio_vs_smc", "floor_ratio", "tilt_bias"):
         assert key in summary
     assert set(summary["tilt_bias"]) == {"dts", "dts_consistent"}
+    assert summary["consistent_method"] == "dts_twisted_gp"
+    assert summary["data_variance"] > 10  # ring of radius 6: 18 + 0.25 per coordinate
     assert math.isfinite(summary["floor_ratio"]) and summary["floor_ratio"] > 0
     assert os.path.exists(tmp_path / "dts_gmm.png") and os.path.exists(tmp_path / "dts_gmm.json")
 

@@ -1,6 +1,7 @@
 """Tree search for reward-tilted targets: Diffusion Tree Sampling (DTS) and DTS* (Jain et al. 2025) on a
 fixed-capacity array tree (:mod:`.tree`), compiled per iteration, vmappable and resumable."""
 
+from .calibrate import CalibratedTwist, calibrate_twist
 from .checkpoint import load_tree, save_tree
 from .dts import (
     DTSConfig,
@@ -34,4 +35,6 @@ __all__ = [
     "check_stochastic",
     "save_tree",
     "load_tree",
+    "calibrate_twist",
+    "CalibratedTwist",
 ]
