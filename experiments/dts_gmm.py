@@ -134,6 +134,8 @@ def grow_dts(target, config, twist, keys, budgets, capacity, n_eval, x_exact_set
 
             bar = tqdm(total=int(budgets[-1]), desc=f"DTS {config.variant}{'+twist' if twist is not None else ''} seed {s}", leave=False)
         for budget in budgets:
+            if budget <= extra:  # the pilot alone spends this budget: no tree to read yet
+                continue
             while int(tree.nfe) + extra < budget and not bool(tree.full):
                 chunk = int(np.clip((budget - extra - int(tree.nfe)) / rate, 20, 20_000))
                 tree = run_with(key, tree, jnp.asarray(chunk, jnp.int32), seed_twist)
