@@ -13,10 +13,15 @@ its weight — and measure, against the real digits of C:
 
 Methods: ``best_of_n`` (``pplalign.best_of_n``), ``fk_smc`` (Feynman–Kac steering, difference potential on
 r(x̂_0), ``pplalign.potentials.fk_steering``), ``tds`` (twisted diffusion sampler, ``pplalign.guidance.tds``),
-and ``dts_star`` (DTS*, Jain et al. 2025: a UCT tree search of n iterations per produced sample, whose output is
+``smc_gp`` (``pplalign.smc`` with the Gaussian-posterior twist log E_{N(x̂_0, v_s I)}[p(C | x)],
+``pplalign.potentials.GaussianPosteriorTwist``, 16 antithetic draws, v_s from the data's pixel variance),
+``dts`` (DTS as published, n iterations, one sample drawn from the tree), ``dts_twisted_gp`` (DTS variant
+"twisted" — unbiased values, consistent samples — guided by that twist, level-calibrated once by a 64-particle
+pilot, ``pplalign.search.calibrate_twist``, whose NFE are shared by the M samples and counted), and
+``dts_star`` (DTS*, Jain et al. 2025: a UCT tree search of n iterations per produced sample, whose output is
 the greedy leaf, ``pplalign.search``; a maximiser, so it is compared with best-of-N on reward, not on σ).
-NFE is per produced sample, as each sampler counts it (TDS: 2 per particle-step; DTS*: the tree's transitions,
-at most n·K).
+NFE is per produced sample, as each sampler counts it (TDS: 2 per particle-step; DTS/DTS*: the tree's
+transitions, at most n·K, more for the twisted variant, whose rollouts branch).
 
 Run: ``python -m experiments.diffusion_digits [--quick] [--out DIR]``; writes results.json and quality_vs_nfe.png,
 prints one JSON line last.
@@ -39,24 +44,30 @@ from models.diffusion.data import load_digits
 from models.diffusion.pretrained import classifier_reward, load_classifier, program
 from pplalign import search
 from pplalign.guidance import tds
-from pplalign.potentials import fk_steering
+from pplalign.potentials import GaussianPosteriorTwist, fk_steering
 from pplalign.search.dts import leaf_outputs
 
 QUICK = dict(num_steps=10, budgets=(4,), num_samples=12, classes=(0, 2, 4, 6, 8))
 FULL = dict(num_steps=25, budgets=(1, 4, 16, 64), num_samples=128, classes=(0, 2, 4, 6, 8))
-METHODS = ("best_of_n", "fk_smc", "tds", "dts_star")
+METHODS = ("best_of_n", "fk_smc", "tds", "smc_gp", "dts", "dts_twisted_gp", "dts_star")
+TREES = {  # method: (config, uses the calibrated twist, output greedy leaf)
+    "dts": (search.DTSConfig("published"), False, False),
+    "dts_twisted_gp": (search.DTSConfig("twisted"), True, False),
+    "dts_star": (search.DTSConfig(greedy=True), False, True),
+}
 
 
-def _one_sample(method: str, target, n: int):
-    """key -> (one sample, nfe) from an independent run of ``method`` with n particles."""
+def _one_sample(method: str, target, n: int, twist=None):
+    """key -> (one sample, nfe) from an independent run of ``method`` with n particles (trees: n iterations)."""
 
-    if method == "dts_star":
-        config = search.DTSConfig(greedy=True)
-        capacity = search.nodes_needed(target.num_steps, n)
+    if method in TREES:
+        config, twisted, greedy = TREES[method]
+        # the twisted variant's rollouts branch: room for 4× the plain worst case plus one full iteration
+        capacity = search.nodes_needed(target.num_steps, n) * (4 if twisted else 1) + (64 * (target.num_steps + 1) if twisted else 0)
 
         def run_tree(key):
-            tree = search.run_loop(key, search.init(target, capacity), target, n, config, None)
-            leaf = search.sample_leaves(key, tree, target.num_steps, 1, True)
+            tree = search.run_loop(key, search.init(target, capacity), target, n, config, twist if twisted else None)
+            leaf = search.sample_leaves(key, tree, target.num_steps, 1, greedy)
             return leaf_outputs(target, tree, leaf)[0], tree.nfe
 
         return run_tree
@@ -69,6 +80,8 @@ def _one_sample(method: str, target, n: int):
             p = fk_steering(k_run, target, n, potential="difference")
         elif method == "tds":
             p = tds(k_run, target, n)
+        elif method == "smc_gp":
+            p = pplalign.smc(k_run, target, n, twist=twist)
         else:
             raise ValueError(f"unknown method {method!r}")
         idx = jax.random.categorical(k_pick, jnp.where(jnp.isfinite(p.log_weights), p.log_weights, -1e30))
@@ -112,6 +125,12 @@ def main(argv=None) -> dict:
     ref_freq = np.bincount(y_data[in_c], minlength=10) / in_c.sum()
 
     key = jax.random.PRNGKey(args.seed)
+    # the Gaussian-posterior twist, calibrated once for this target by an independent pilot (shared by every
+    # tree; its NFE are spread over the samples that use it)
+    data_variance = float(np.mean(np.var(x_data, axis=0)))
+    guess = GaussianPosteriorTwist.create(base, reward, 1.0, data_variance=data_variance, num_draws=16)
+    twist = search.calibrate_twist(jax.random.fold_in(key, 12345), target, guess, 64)
+    pilot_share = float(twist.pilot_nfe) / cfg["num_samples"]
     rows = []
     # The base model itself (one particle, no reward): where every method starts (skipped by --quick, to save
     # a compile; best-of-N with n = 1 is the same law).
@@ -137,9 +156,15 @@ def main(argv=None) -> dict:
         if method not in wanted:
             continue
         keys = jax.random.split(jax.random.fold_in(key, i), cfg["num_samples"])
-        samples, nfe = jax.jit(jax.vmap(_one_sample(method, target, n)))(keys)
-        # mean over the produced samples (a DTS* tree's NFE depends on where it widened; the others' is fixed)
-        rows.append(dict(method=method, n=n, nfe_per_sample=int(round(float(np.mean(nfe)))),
+        one = _one_sample(method, target, n, twist)
+        # trees one after the other (lax.map): under vmap a while_loop with a batched predicate selects the
+        # whole carry, every node array of every tree, on each trip
+        batched = (lambda ks: jax.lax.map(one, ks)) if method in TREES else jax.vmap(one)
+        samples, nfe = jax.jit(batched)(keys)
+        # mean over the produced samples (a tree's NFE depends on where it widened and branched; the others' is
+        # fixed), plus the calibration pilot's share for the method that uses it
+        extra = pilot_share if method == "dts_twisted_gp" else 0.0
+        rows.append(dict(method=method, n=n, nfe_per_sample=int(round(float(np.mean(nfe)) + extra)),
                          **evaluate(samples, clf, ref_features, ref_freq, reward)))
 
     results = dict(config={k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}, rows=rows,
@@ -155,6 +180,8 @@ def main(argv=None) -> dict:
         "base": {k: r[k] for r in rows if r["method"] == "base" for k in ("frechet", "class_tv", "in_class")},
         "data_floor": {k: r[k] for r in rows if r["method"] == "data" for k in ("frechet", "class_tv")},
         "seconds": round(results["seconds"], 1),
+        "calibration": {"pilot_nfe": int(twist.pilot_nfe), "data_variance": data_variance,
+                        "offsets": [round(float(o), 3) for o in twist.offsets]},
     }
     print(json.dumps(summary))
     return summary
