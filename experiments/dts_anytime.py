@@ -1,7 +1,10 @@
 """Issue 6, experiment (c): DTS as an anytime sampler, interrupted and resumed from a checkpoint midway.
 
-One consistent-DTS tree (growth blind to the values, see :mod:`pplalign.search.dts`) on the exact two-mode
-Gaussian-mixture testbed of experiment (a) is grown in stages of doubling iteration counts. After each
+One consistent DTS tree (growth blind to the values, see :mod:`pplalign.search.dts`) on the exact two-mode
+Gaussian-mixture testbed of experiment (a) is grown in stages of doubling iteration counts. ``--variant
+twisted_gp`` (the default) is variant "twisted" guided by the Gaussian-posterior twist, level-calibrated by a
+128-particle pilot with a fixed key (the pilot's NFE are counted; the checkpoint carries the twist's digest, so a
+resume with another twist is refused); ``--variant consistent`` is uniform selection. After each
 stage the tree is read (``n_eval`` samples, no model evaluations) and scored against the exact target
 (energy distance, log Ẑ − log Z, E‖x − c‖² − exact), and the tree is checkpointed (``.npz``: arrays, key and
 configuration fingerprint). Midway the in-memory tree is dropped and the run continues from the checkpoint
@@ -23,6 +26,7 @@ import numpy as np
 
 from experiments.dts_gmm import build, evaluate
 from pplalign import metrics, search
+from pplalign.potentials import GaussianPosteriorTwist
 from pplalign.search import DTSConfig
 
 
@@ -31,6 +35,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="results/dts_anytime")
     ap.add_argument("--fresh", action="store_true", help="ignore a checkpoint left in --out")
+    ap.add_argument("--variant", choices=("twisted_gp", "consistent"), default="twisted_gp")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
@@ -41,9 +46,19 @@ def main(argv=None):
     resume_after = len(stages) // 2  # stage index after which the run is "interrupted"
     model, reward, beta, target, exact = build(num_steps)
     center = np.asarray(reward.center)
-    config = DTSConfig("consistent")
     key = jax.random.PRNGKey(7)
-    capacity = search.nodes_needed(num_steps, stages[-1])
+    if args.variant == "twisted_gp":
+        config, variant = DTSConfig("twisted"), "twisted"
+        data_variance = float(np.mean(np.var(np.asarray(model.sample_data(jax.random.PRNGKey(1), 10_000)), axis=0)))
+        guess = GaussianPosteriorTwist.create(model, reward, beta, data_variance=data_variance)
+        twist = search.calibrate_twist(jax.random.PRNGKey(5), target, guess, 32 if args.quick else 128)
+        pilot_nfe = int(twist.pilot_nfe)
+        # a twisted iteration adds ~16 nodes here (its rollouts branch and are cut); room for 1.5× the plain
+        # worst case plus one iteration's full node budget
+        capacity = int(search.nodes_needed(num_steps, stages[-1]) * 1.5) + 64 * (num_steps + 1)
+    else:
+        config, variant, twist, pilot_nfe = DTSConfig("consistent"), "consistent", None, 0
+        capacity = search.nodes_needed(num_steps, stages[-1])
     x_exact = np.asarray(model.sample_tilted(jax.random.PRNGKey(100), n_eval, reward.center, reward.gamma, beta))
     x_exact2 = np.asarray(model.sample_tilted(jax.random.PRNGKey(101), n_eval, reward.center, reward.gamma, beta))
     floor = float(metrics.energy_distance(x_exact, x_exact2))
@@ -53,7 +68,7 @@ def main(argv=None):
     partial = os.path.join(args.out, "stages.json")
     rows, tree, done = [], None, 0
     if not args.fresh and os.path.exists(ckpt) and os.path.exists(partial):
-        tree, key = search.load_tree(ckpt, config, target)  # refuses a checkpoint of another configuration
+        tree, key = search.load_tree(ckpt, config, target, twist)  # refuses a checkpoint of another configuration
         rows = json.load(open(partial))["rows"]
         done = int(tree.iteration)
         print(f"resuming from {ckpt} at iteration {done}", flush=True)
@@ -61,7 +76,7 @@ def main(argv=None):
     def score(tree):
         particles = search.particles_from_tree(jax.random.fold_in(key, int(tree.iteration)), tree, target, n_eval)
         row = evaluate(particles.samples, x_exact, exact, center)
-        row.update(iterations=int(tree.iteration), nfe=int(tree.nfe), log_Z_error=float(particles.log_Z - exact.log_Z),
+        row.update(iterations=int(tree.iteration), nfe=int(tree.nfe) + pilot_nfe, log_Z_error=float(particles.log_Z - exact.log_Z),
                    sq_bias=row["sq_dist"] - exact_sq, nodes=int(tree.num_nodes))
         return row
 
@@ -69,21 +84,21 @@ def main(argv=None):
         if total <= done:
             continue
         if tree is None:
-            _, tree = search.dts(key, target, total, capacity=capacity, variant="consistent", num_samples=1, chunk_size=2000, progress=not args.quick)
+            _, tree = search.dts(key, target, total, capacity=capacity, variant=variant, twist=twist, num_samples=1, chunk_size=2000, progress=not args.quick)
         else:
-            _, tree = search.dts(key, target, total - int(tree.iteration), tree=tree, variant="consistent", num_samples=1, chunk_size=2000, progress=not args.quick)
+            _, tree = search.dts(key, target, total - int(tree.iteration), tree=tree, variant=variant, twist=twist, num_samples=1, chunk_size=2000, progress=not args.quick)
         rows.append(score(tree))
-        search.save_tree(ckpt, tree, key, config, target)
+        search.save_tree(ckpt, tree, key, config, target, twist)
         json.dump({"rows": rows}, open(partial, "w"))
         print(f"[{time.time() - t0:6.1f}s] stage {i}: {rows[-1]}", flush=True)
         if i == resume_after - 1:
             # the interruption: forget the tree, continue from the file
             del tree
-            tree, key = search.load_tree(ckpt, config, target)
+            tree, key = search.load_tree(ckpt, config, target, twist)
             rows[-1]["resumed_here"] = True
 
     # an uninterrupted run to the same total must give the same tree, array for array
-    _, straight = search.dts(key, target, stages[-1], capacity=capacity, variant="consistent", num_samples=1, chunk_size=2000)
+    _, straight = search.dts(key, target, stages[-1], capacity=capacity, variant=variant, twist=twist, num_samples=1, chunk_size=2000)
     identical = all(
         np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree_util.tree_leaves(straight), jax.tree_util.tree_leaves(tree))
     )
@@ -98,13 +113,15 @@ def main(argv=None):
         "resumed_after_iterations": stages[resume_after - 1],
         "seconds": round(time.time() - t0, 1),
         "quick": bool(args.quick),
+        "variant": args.variant,
+        "pilot_nfe": pilot_nfe,
     }
     json.dump({"summary": summary, "rows": rows, "num_steps": num_steps, "n_eval": n_eval}, open(os.path.join(args.out, "dts_anytime.json"), "w"), indent=1)
-    plot(rows, floor, args.out)
+    plot(rows, floor, args.out, args.variant)
     print(json.dumps(summary))
 
 
-def plot(rows, floor, out):
+def plot(rows, floor, out, variant_label):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,7 +146,7 @@ def plot(rows, floor, out):
             if r.get("resumed_here"):
                 ax.axvline(r["nfe"], color="C3", ls=":", lw=1, label="resumed from checkpoint")
     axes[0].legend(fontsize=7)
-    fig.suptitle("consistent DTS as an anytime sampler (one tree, read after each stage)")
+    fig.suptitle(f"DTS ({variant_label}) as an anytime sampler (one tree, read after each stage)")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "dts_anytime.png"), dpi=120)
     plt.close(fig)

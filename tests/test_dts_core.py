@@ -281,6 +281,15 @@ def test_resume_from_checkpoint_continues_exactly(target, tmp_path):
         search.load_tree(path, DTSConfig("consistent"), target)
     with pytest.raises(ValueError, match="another configuration"):
         search.load_tree(path, cfg, pplalign.tilt(BASE, TableReward(TABLE), 2.0))
+    # a checkpoint saved with a twist resumes only with that twist (e.g. the same calibration offsets)
+    twist_a = search.CalibratedTwist(lambda state, t: jnp.zeros(()), jnp.zeros(T + 1), jnp.zeros(T + 1), jnp.asarray(0))
+    twist_b = twist_a.__class__(twist_a.twist, jnp.ones(T + 1), twist_a.log_means, twist_a.pilot_nfe)
+    search.save_tree(path, half, key, cfg, target, twist=twist_a)
+    search.load_tree(path, cfg, target, twist=twist_a)
+    with pytest.raises(ValueError, match="twist"):
+        search.load_tree(path, cfg, target, twist=twist_b)
+    with pytest.raises(ValueError, match="twist"):
+        search.load_tree(path, cfg, target)
 
 
 def test_iteration_vmaps_over_targets(target):

@@ -37,5 +37,6 @@ def test_dts_gmm_quick(tmp_path):
 def test_dts_anytime_quick_resumes_exactly(tmp_path):
     summary = run_quick("dts_anytime", tmp_path)
     assert summary["resume_identical"] is True
+    assert summary["variant"] == "twisted_gp" and summary["pilot_nfe"] == 32 * 10  # the pilot is counted
     assert math.isfinite(summary["final_energy"])
     assert os.path.exists(tmp_path / "tree.npz") and os.path.exists(tmp_path / "dts_anytime.png")

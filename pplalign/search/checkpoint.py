@@ -5,6 +5,7 @@ checkpoint of another configuration is refused with a clear error."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Any
@@ -19,8 +20,22 @@ from .tree import Tree
 __all__ = ["save_tree", "load_tree", "fingerprint"]
 
 
-def fingerprint(config: DTSConfig, target: Any, capacity: int) -> dict:
-    """What must agree between a checkpoint and the run that resumes it."""
+def twist_digest(twist: Any) -> str:
+    """The twist's type and a SHA-256 of its array leaves: a resumed "twisted" (or twist-guided consistent)
+    run must grow with the same ψ̃, e.g. the same calibration offsets."""
+    leaves = jax.tree_util.tree_leaves(twist)
+    h = hashlib.sha256(type(twist).__name__.encode())
+    for leaf in leaves:
+        if isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
+            arr = np.asarray(leaf)
+            h.update(str(arr.dtype).encode() + str(arr.shape).encode() + arr.tobytes())
+        else:
+            h.update(repr(type(leaf)).encode())
+    return h.hexdigest()[:16]
+
+
+def fingerprint(config: DTSConfig, target: Any, capacity: int, twist: Any = None) -> dict:
+    """What must agree between a checkpoint and the run that resumes it (the twist too, when one is given)."""
     template = jax.eval_shape(target.base.init, jax.random.PRNGKey(0))
     leaves = [[list(s.shape), str(s.dtype)] for s in jax.tree_util.tree_leaves(template)]
     return {
@@ -30,29 +45,32 @@ def fingerprint(config: DTSConfig, target: Any, capacity: int) -> dict:
         "program": type(target.base).__name__,
         "state_leaves": leaves,
         "capacity": int(capacity),
+        **({} if twist is None else {"twist": twist_digest(twist)}),
     }
 
 
-def save_tree(path: str, tree: Tree, key: jax.Array, config: DTSConfig, target: Any) -> None:
-    """Write the tree, the run's key and the configuration fingerprint to ``path`` (atomically)."""
+def save_tree(path: str, tree: Tree, key: jax.Array, config: DTSConfig, target: Any, twist: Any = None) -> None:
+    """Write the tree, the run's key and the configuration fingerprint (with ``twist``'s digest when given) to
+    ``path`` (atomically)."""
     flat = {f"state_{i}": np.asarray(leaf) for i, leaf in enumerate(jax.tree_util.tree_leaves(tree.states))}
     for name in Tree._fields:
         if name != "states":
             flat[name] = np.asarray(getattr(tree, name))
     flat["key"] = np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key)
-    flat["fingerprint"] = np.asarray(json.dumps(fingerprint(config, target, tree.capacity), sort_keys=True))
+    flat["fingerprint"] = np.asarray(json.dumps(fingerprint(config, target, tree.capacity, twist), sort_keys=True))
     tmp = path + ".tmp.npz"
     np.savez(tmp, **flat)
     os.replace(tmp, path)
 
 
-def load_tree(path: str, config: DTSConfig, target: Any) -> tuple[Tree, jax.Array]:
+def load_tree(path: str, config: DTSConfig, target: Any, twist: Any = None) -> tuple[Tree, jax.Array]:
     """Read a checkpoint written by :func:`save_tree`; returns (tree, key). Raises ``ValueError`` if it was
-    written for another configuration, program, β or state layout."""
+    written for another configuration, program, β, state layout or twist (pass the same ``twist`` as when
+    saving)."""
     with np.load(path, allow_pickle=False) as data:
         saved = json.loads(str(data["fingerprint"]))
         capacity = int(saved.get("capacity", -1))
-        want = fingerprint(config, target, capacity)
+        want = fingerprint(config, target, capacity, twist)
         if saved != want:
             diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
             raise ValueError(
