@@ -181,3 +181,8 @@ def test_verifier_finetune_resumes_exactly(tmp_path):
     np.testing.assert_allclose(first + second, losses, rtol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(nnx.state(straight, nnx.Param)), jax.tree_util.tree_leaves(nnx.state(resumed, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # a finished run's state (kept until the caller exports) resumes as a no-op, and another run's state is refused
+    _, none_left = reasoning.finetune_verifier(Transformer(cfg, rngs=nnx.Rngs(0)), batches, state_dir=state, **kw)
+    assert none_left == []
+    with pytest.raises(ValueError, match="another run"):
+        reasoning.finetune_verifier(Transformer(cfg, rngs=nnx.Rngs(0)), batches, state_dir=state, steps=6, batch_size=4, progress=False)

@@ -38,6 +38,7 @@ trains both (a few minutes on two CPU cores) and prints the policy's greedy accu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -146,18 +147,20 @@ def verifier_loss(model: Transformer, batch: train.Batch) -> jax.Array:
 
 
 def finetune_verifier(model: Transformer, batches, *, steps: int, batch_size: int = 64, lr: float = 3e-4,
-                      seed: int = 0, progress: bool = True, state_dir=None,
-                      stop_after: Optional[int] = None) -> tuple[Transformer, list[float]]:
+                      seed: int = 0, progress: bool = True, state_dir=None, stop_after: Optional[int] = None,
+                      run_config: Optional[dict] = None) -> tuple[Transformer, list[float]]:
     """AdamW (cosine-decayed ``lr``, no weight decay) on :func:`verifier_loss`; the batch at step k is
     ``batches(default_rng([seed, k]), ...)``. Runs on :func:`models.lm.train.fit`: with ``state_dir`` the
-    training state is checkpointed there (every 100 steps and on ``stop_after``) and a later call resumes it."""
+    training state is checkpointed there (every 100 steps and on ``stop_after``) and a later call resumes it;
+    ``run_config`` (e.g. the data settings) must then match, else ``ValueError``."""
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=0.0))
     own_dir = state_dir is None
     state_dir = Path(tempfile.mkdtemp(prefix="verifier_state_")) if own_dir else Path(state_dir)
     try:
         model, losses, _ = train.fit(model, verifier_loss, batches, state_dir, steps=steps, optimizer=opt,
                                      batch_size=batch_size, seed=seed, save_every=100, stop_after=stop_after,
-                                     progress=progress, desc="train verifier")
+                                     progress=progress, desc="train verifier",
+                                     run_config={"lr": lr, "model": dataclasses.asdict(model.cfg), **(run_config or {})})
     finally:
         if own_dir:
             shutil.rmtree(state_dir, ignore_errors=True)
@@ -239,13 +242,15 @@ def main(argv=None):
     data = on_policy_examples(jax.random.key(a.seed + 1), lm, tok, np.random.default_rng([a.seed, 1]),
                               a.on_policy_problems, 4, verifier.cfg.max_len)
     state_dir = Path(a.out_prm).resolve().parent / (Path(a.out_prm).name + ".train_state")  # resumable
-    verifier, losses = finetune_verifier(verifier, prm_batches(data), steps=a.prm_steps, seed=a.seed, state_dir=state_dir)
+    verifier, losses = finetune_verifier(verifier, prm_batches(data), steps=a.prm_steps, seed=a.seed, state_dir=state_dir,
+                                         run_config={"teacher": str(a.teacher), "teacher_steps": a.teacher_steps,
+                                                     "on_policy_problems": a.on_policy_problems, "lm": str(Path(a.out_lm).resolve())})
     save_model(a.out_prm, verifier, tok)
     shutil.rmtree(state_dir, ignore_errors=True)
     Path(a.out_prm, "train_log.json").write_text(json.dumps(dict(
         task="per-token verifier fine-tuned on labelled prefixes (models.lm.reasoning)", steps=a.prm_steps,
         batch_size=64, lr=3e-4, seed=a.seed, teacher_steps=a.teacher_steps, on_policy_problems=a.on_policy_problems,
-        final_loss=float(np.mean(losses[-50:])))))
+        final_loss=float(np.mean(losses[-50:])) if losses else None)))
     prm_model, _ = load_model(a.out_prm)
     held_out = corpora.sample_problems(np.random.default_rng([a.seed, 99]), 128)
     report = dict(greedy_accuracy=greedy_accuracy(lm, tok, held_out),

@@ -15,6 +15,7 @@ arguments reaches bit-for-bit the parameters of an uninterrupted run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -150,7 +151,7 @@ def _loss(model: Transformer, batch: Batch, heads: tuple):
 
 def fit(model: Transformer, loss_fn, batches, state_dir: str | Path, *, steps: int, optimizer,
         batch_size: int = 64, seed: int = 0, save_every: int = 200, stop_after: Optional[int] = None,
-        progress: bool = True, desc: str = "train") -> tuple[Transformer, list[float], bool]:
+        progress: bool = True, desc: str = "train", run_config: Optional[dict] = None) -> tuple[Transformer, list[float], bool]:
     """Minimise ``loss_fn(model, batch)`` over the model's parameters with ``optimizer`` (an optax transform),
     the batch at step k being ``batches(default_rng([seed, k]), batch_size, model.cfg.max_len)``.
 
@@ -159,12 +160,23 @@ def fit(model: Transformer, loss_fn, batches, state_dir: str | Path, *, steps: i
     it and, the batches being a function of (seed, k), continues as if never stopped. ``stop_after`` stops
     after that many steps of this call (an interruption, for tests). Returns (model, this call's losses,
     finished). The state is kept after a finished run too: the caller deletes ``state_dir`` once it has
-    exported the model, so that a crash in between loses nothing."""
+    exported the model, so that a crash in between loses nothing.
+
+    ``run_config`` (JSON-able: steps, seed, batch size, data settings…) is written next to the state; a resume
+    whose ``run_config`` differs raises ``ValueError`` instead of silently continuing another run."""
     graphdef, params = nnx.split(model, nnx.Param)
     opt_state = optimizer.init(params)
     state_dir = Path(state_dir).resolve()
+    stamp = {"steps": int(steps), "batch_size": int(batch_size), "seed": int(seed), **(run_config or {})}
+    stamp_path = state_dir / "run_config.json"
+    if stamp_path.exists():
+        saved = json.loads(stamp_path.read_text())
+        if saved != json.loads(json.dumps(stamp)):
+            raise ValueError(f"{state_dir} holds the training state of another run ({saved}, now {stamp}); "
+                             "delete it or point state_dir elsewhere")
     step = 0
     manager = ocp.CheckpointManager(state_dir, options=ocp.CheckpointManagerOptions(max_to_keep=1))
+    stamp_path.write_text(json.dumps(stamp))
     if manager.latest_step() is not None:
         template = {"params": params, "opt_state": opt_state, "step": np.asarray(0)}
         restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(template))
@@ -177,6 +189,8 @@ def fit(model: Transformer, loss_fn, batches, state_dir: str | Path, *, steps: i
         return optax.apply_updates(params, updates), opt_state, loss
 
     def save(k):
+        if k in manager.all_steps():  # already saved (a resume of a finished run, or stop_after on a save step)
+            return
         manager.save(k, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state, "step": np.asarray(k)}), force=True)
         manager.wait_until_finished()
 
@@ -192,12 +206,9 @@ def fit(model: Transformer, loss_fn, batches, state_dir: str | Path, *, steps: i
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         if step % save_every == 0 and step < steps:
             save(step)
-    if step < steps:
-        save(step)
-        return nnx.merge(graphdef, params), losses, False
     save(step)
     manager.close()
-    return nnx.merge(graphdef, params), losses, True
+    return nnx.merge(graphdef, params), losses, step >= steps
 
 
 def train(task: str, out: str | Path, *, steps: int, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
@@ -231,7 +242,8 @@ def train(task: str, out: str | Path, *, steps: int, batch_size: int = 64, lr: f
     model = nnx.merge(graphdef, params)
     model, losses, finished = fit(model, lambda m, batch: _loss(m, batch, spec.heads), spec.batch, out / "train_state",
                                   steps=steps, optimizer=opt, batch_size=batch_size, seed=seed, save_every=save_every,
-                                  stop_after=stop_after, progress=progress, desc=f"train {task}")
+                                  stop_after=stop_after, progress=progress, desc=f"train {task}",
+                                  run_config={"task": task, "lr": lr, "cfg": dataclasses.asdict(cfg), "init_from": str(init_from)})
     if not finished:  # interrupted on purpose: the state is kept to resume
         return model, losses
     save_model(out, model, spec.tokenizer)
