@@ -62,13 +62,14 @@ def _one_sample(method: str, target, n: int, twist=None):
 
     if method in TREES:
         config, twisted, greedy = TREES[method]
-        # the twisted variant's rollouts branch: room for 4× the plain worst case plus one full iteration
-        capacity = search.nodes_needed(target.num_steps, n) * (4 if twisted else 1) + (64 * (target.num_steps + 1) if twisted else 0)
+        # the twisted variant's rollouts branch: an iteration adds at most 64·(K + 1) nodes, so that many per
+        # iteration can never fill (the trees run one after the other, so only one is in memory)
+        capacity = 1 + n * 64 * (target.num_steps + 1) if twisted else search.nodes_needed(target.num_steps, n)
 
         def run_tree(key):
             tree = search.run_loop(key, search.init(target, capacity), target, n, config, twist if twisted else None)
             leaf = search.sample_leaves(key, tree, target.num_steps, 1, greedy)
-            return leaf_outputs(target, tree, leaf)[0], tree.nfe
+            return leaf_outputs(target, tree, leaf)[0], tree.nfe, tree.full | tree.nonfinite
 
         return run_tree
 
@@ -85,7 +86,7 @@ def _one_sample(method: str, target, n: int, twist=None):
         else:
             raise ValueError(f"unknown method {method!r}")
         idx = jax.random.categorical(k_pick, jnp.where(jnp.isfinite(p.log_weights), p.log_weights, -1e30))
-        return p.samples[idx], p.nfe
+        return p.samples[idx], p.nfe, p.nonfinite_reward
 
     return run
 
@@ -160,7 +161,10 @@ def main(argv=None) -> dict:
         # trees one after the other (lax.map): under vmap a while_loop with a batched predicate selects the
         # whole carry, every node array of every tree, on each trip
         batched = (lambda ks: jax.lax.map(one, ks)) if method in TREES else jax.vmap(one)
-        samples, nfe = jax.jit(batched)(keys)
+        samples, nfe, broken = jax.jit(batched)(keys)
+        if bool(np.any(np.asarray(broken))):  # a filled tree skipped iterations, or a reward was NaN/+inf
+            raise RuntimeError(f"{method} with n={n}: {int(np.sum(np.asarray(broken)))} of {len(keys)} runs filled their "
+                               "capacity or saw a non-finite reward; the row would be mislabelled")
         # mean over the produced samples (a tree's NFE depends on where it widened and branched; the others' is
         # fixed), plus the calibration pilot's share for the method that uses it
         extra = pilot_share if method == "dts_twisted_gp" else 0.0

@@ -11,7 +11,7 @@ Methods, at equal NFE (transition evaluations):
                 the last potential is the reward itself, so the target stays exact);
   smc_oracle    pplalign.smc with the exact soft value as twist (bootstrap proposal);
   dts           DTS as published (Boltzmann selection on tree values, progressive widening);
-  dts_consistent     DTS whose growth never reads the values (uniform selection);
+  dts_uniform        consistent DTS whose growth never reads the values (uniform selection);
   dts_consistent_fk  the same guided by the FK potential (Boltzmann on r(E[x_0|x_c])/β);
   dts_twisted_fk     variant "twisted": Boltzmann on the FK potential plus Russian roulette on it (unbiased);
   dts_twisted_oracle the same with the exact soft value as its twist (a diagnostic: the best a twist can do
@@ -25,8 +25,8 @@ Each method returns ``n_eval`` equally weighted samples (IS/SMC: multinomial res
 particles; DTS: draws from the tree, no NFE); metrics: energy distance to ``n_eval`` exact samples (the floor is
 the energy distance between two exact sets of that size), the TV between mode (component) weights, and
 E‖x − c‖². A DTS tree is grown once per seed and read at every budget (it is anytime).
-The headline keys are computed for ``dts_twisted_gp``; the uniform-selection ``dts_consistent`` is reported
-alongside (``*_others``).
+The headline keys are computed for ``dts_twisted_gp`` (``tilt_bias["dts_consistent"]`` is its tilt bias); the
+uniform-selection ``dts_uniform`` is reported alongside (``*_others``).
 
 Full mode: 3 seeds per budget for every method (IS/SMC: independent runs; DTS: independent trees), reported as
 mean ± sd; the headline ratios use the seed means, and "first matches" interpolates log NFE linearly in log
@@ -108,11 +108,12 @@ def resample(key, p, n):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def grow_dts(target, config, twist, keys, budgets, capacity, n_eval, x_exact_sets, exact, center, progress=True, pilot=None):
+def grow_dts(target, config, twist, keys, budgets, capacity, n_eval, x_exact_sets, exact, center, progress=True, pilot=None, pilot_keys=None):
     """Grow one tree per key until every budget is passed; evaluate samples at each budget.
 
-    ``pilot``: a number of particles: each tree's twist is first level-calibrated by its own independent pilot
-    (:func:`pplalign.search.calibrate_twist`), whose NFE count toward the budgets and the reported NFE.
+    ``pilot``: a number of particles: each tree's twist is first level-calibrated by its own pilot
+    (:func:`pplalign.search.calibrate_twist`) run with ``pilot_keys[s]``, a key independent of the tree's (the
+    tree's iterations use ``fold_in(keys[s], k)``); the pilot's NFE count toward the budgets and the reported NFE.
 
     Seeds run one after the other, not vmapped: under ``vmap`` a ``while_loop`` with a batched predicate
     selects between old and new carry on every trip, which costs O(capacity) per trip for a big tree."""
@@ -123,7 +124,7 @@ def grow_dts(target, config, twist, keys, budgets, capacity, n_eval, x_exact_set
     for s, key in enumerate(keys):
         extra, seed_twist = 0, twist
         if pilot is not None:
-            seed_twist = search.calibrate_twist(jax.random.fold_in(key, 11), target, twist, pilot)
+            seed_twist = search.calibrate_twist(pilot_keys[s], target, twist, pilot)
             extra = int(seed_twist.pilot_nfe)
         tree = search.init(target, capacity)
         rate = float(num_steps) / 2.0  # NFE per iteration, refined as we go
@@ -282,6 +283,7 @@ def main(argv=None):
     center = np.asarray(reward.center)
     key = jax.random.PRNGKey(2025)
     k_exact, k_is, k_smc, k_dts = jax.random.split(key, 4)
+    k_pilot = jax.random.PRNGKey(31337)  # the calibration pilots' keys: a root of their own, apart from the trees'
 
     x_exact = [np.asarray(model.sample_tilted(jax.random.fold_in(k_exact, 2 * s), n_eval, reward.center, reward.gamma, beta)) for s in range(seeds)]
     x_exact2 = [np.asarray(model.sample_tilted(jax.random.fold_in(k_exact, 2 * s + 1), n_eval, reward.center, reward.gamma, beta)) for s in range(seeds)]
@@ -295,16 +297,18 @@ def main(argv=None):
     wanted = None if args.methods is None else set(args.methods.split(","))
     cache_tag = {"num_steps": num_steps, "n_eval": n_eval, "seeds": seeds, "quick": bool(args.quick)}
 
+    specs = {}  # method -> what defines it (sampler, twist, budgets, pilot); a cache of another spec is rerun
+
     def cached(name):
         path = os.path.join(cache_dir, f"{name}.json")
         if os.path.exists(path):
             data = json.load(open(path))
-            if data.get("tag") == cache_tag:
+            if data.get("tag") == cache_tag and data.get("spec") == specs.get(name):
                 return data
         return None
 
     def store(name, rows_, extra=None):
-        json.dump({"tag": cache_tag, "rows": rows_, "extra": extra}, open(os.path.join(cache_dir, f"{name}.json"), "w"))
+        json.dump({"tag": cache_tag, "spec": specs.get(name), "rows": rows_, "extra": extra}, open(os.path.join(cache_dir, f"{name}.json"), "w"))
 
     rows = []
     fk = DenoisedRewardTwist(model, reward, jnp.float32(beta))
@@ -318,9 +322,12 @@ def main(argv=None):
         "smc_oracle": lambda k, n: pplalign.smc(k, target, n, twist=oracle),
         "smc_gp": lambda k, n: pplalign.smc(k, target, n, twist=gp),
     }
+    twist_names = {"is": "none", "fk_smc": "DenoisedRewardTwist", "smc_oracle": "SoftValueTwist",
+                   "smc_gp": f"GaussianPosteriorTwist(data_variance={data_variance:.4f})"}
     if args.quick:
         smc_methods.pop("smc_oracle")
     for m_idx, (name, fn) in enumerate(smc_methods.items()):
+        specs[name] = f"{'importance_sampling' if name == 'is' else 'smc'}|twist={twist_names[name]}|budgets={smc_budgets}|index={m_idx}"
         hit = cached(name)
         if hit is not None:
             rows.extend(hit["rows"])
@@ -346,7 +353,7 @@ def main(argv=None):
     pilot_particles = 32 if args.quick else 128
     dts_runs = {  # name: (config, twist, largest budget)
         "dts": (DTSConfig("published"), None, small),
-        "dts_consistent": (DTSConfig("consistent"), None, small),
+        "dts_uniform": (DTSConfig("consistent"), None, small),
         consistent: (DTSConfig("twisted"), gp, budgets[-1]),
         "dts_consistent_fk": (DTSConfig("consistent"), fk, small),
         "dts_twisted_fk": (DTSConfig("twisted"), fk, small),  # over-splits: each iteration fills its node budget
@@ -360,6 +367,9 @@ def main(argv=None):
     for name, (config, twist, largest) in dts_runs.items():
         dts_budgets = [b for b in budgets if b <= largest and (args.dts_max_budget is None or b <= args.dts_max_budget)]
         capacity = int(dts_budgets[-1] * 1.25) + 10 * (num_steps + 1)
+        pilot = pilot_particles if name == consistent else None
+        twist_name = type(twist).__name__ if twist is not None else "none"
+        specs[name] = f"{config}|twist={twist_name}|budgets={dts_budgets}|pilot={pilot}|pilot_root=31337"
         hit = cached(name)
         if hit is not None:
             rows.extend(hit["rows"])
@@ -367,8 +377,8 @@ def main(argv=None):
             continue
         if wanted is not None and name not in wanted:
             continue
-        pilot = pilot_particles if name == consistent else None
-        rs, trees = grow_dts(target, config, twist, keys, dts_budgets, capacity, n_eval, x_exact, exact, center, progress=not args.quick, pilot=pilot)
+        rs, trees = grow_dts(target, config, twist, keys, dts_budgets, capacity, n_eval, x_exact, exact, center, progress=not args.quick,
+                             pilot=pilot, pilot_keys=jax.random.split(k_pilot, len(keys)))
         for r in rs:
             r["method"] = name
         rows.extend(rs)
@@ -401,7 +411,7 @@ def main(argv=None):
             "dts_consistent": mean_at(rows, consistent, top, "sq_dist") - exact_sq,
         },
         "consistent_method": consistent,
-        "tilt_bias_others": {m: mean_at(rows, m, top_of(m), "sq_dist") - exact_sq for m in ("dts_consistent", "dts_consistent_fk", "dts_twisted_fk", "dts_twisted_oracle") if m in dts_runs},
+        "tilt_bias_others": {m: mean_at(rows, m, top_of(m), "sq_dist") - exact_sq for m in ("dts_uniform", "dts_consistent_fk", "dts_twisted_fk", "dts_twisted_oracle") if m in dts_runs},
         "nfe_ratio_vs_is_others": {m: ratio(first_match(rows, m, ref_is)) for m in dts_runs},
         "floor_ratio_others": {m: [top_of(m), mean_at(rows, m, top_of(m), "energy") / floor] for m in dts_runs},
         "floor": floor,
@@ -429,7 +439,7 @@ def plot(rows, floor, exact_sq, out, values):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"is": "C0o-", "fk_smc": "C1s-", "smc_oracle": "C2^-", "smc_gp": "C8^--", "dts": "C3v-", "dts_consistent": "C4D-", "dts_consistent_fk": "C5P-", "dts_twisted_fk": "C6X-", "dts_twisted_oracle": "C7*-", "dts_twisted_gp": "C9D-"}
+    styles = {"is": "C0o-", "fk_smc": "C1s-", "smc_oracle": "C2^-", "smc_gp": "C8^--", "dts": "C3v-", "dts_uniform": "C4D-", "dts_consistent_fk": "C5P-", "dts_twisted_fk": "C6X-", "dts_twisted_oracle": "C7*-", "dts_twisted_gp": "C9D-"}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for metric, ax, ylabel in (("energy", axes[0], "energy distance to σ"), ("mode_tv", axes[1], "mode-weight TV"), ("sq_dist", axes[2], "E‖x − c‖²")):
         for method, style in styles.items():
@@ -454,7 +464,7 @@ def plot(rows, floor, exact_sq, out, values):
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method, style in (("dts", "C3v-"), ("dts_consistent", "C4D-"), ("dts_consistent_fk", "C5P-"), ("dts_twisted_fk", "C6X-"), ("dts_twisted_oracle", "C7*-"), ("dts_twisted_gp", "C9D-")):
+    for method, style in (("dts", "C3v-"), ("dts_uniform", "C4D-"), ("dts_consistent_fk", "C5P-"), ("dts_twisted_fk", "C6X-"), ("dts_twisted_oracle", "C7*-"), ("dts_twisted_gp", "C9D-")):
         errs = values.get(method, {}).get("all", {})
         if errs:
             lv = sorted(errs)

@@ -130,7 +130,10 @@ class GaussianPosteriorTwist:
         if not hasattr(reward, "log_gaussian_expectation"):
             if num_draws < 2 or num_draws % 2:
                 raise ValueError(f"num_draws must be an even number >= 2 (antithetic pairs); got {num_draws}")
-            shape = tuple(getattr(base, "event_shape", None) or ())
+            try:
+                shape = tuple(base.event_shape)
+            except (AttributeError, ValueError, TypeError):
+                shape = ()
             if not shape:
                 raise ValueError(f"{type(base).__name__} lacks event_shape, which the Monte Carlo draws need")
             half = jax.random.normal(jax.random.PRNGKey(seed), (num_draws // 2, *shape), jnp.float32)

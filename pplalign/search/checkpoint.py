@@ -21,16 +21,22 @@ __all__ = ["save_tree", "load_tree", "fingerprint"]
 
 
 def twist_digest(twist: Any) -> str:
-    """The twist's type and a SHA-256 of its array leaves: a resumed "twisted" (or twist-guided consistent)
-    run must grow with the same ψ̃, e.g. the same calibration offsets."""
-    leaves = jax.tree_util.tree_leaves(twist)
-    h = hashlib.sha256(type(twist).__name__.encode())
+    """The twist's pytree structure and a SHA-256 of its leaves: a resumed "twisted" (or twist-guided
+    consistent) run must grow with the same ψ̃, e.g. the same calibration offsets. Array leaves (PRNG keys by
+    their key data) are hashed by dtype, shape and bytes; functions by module and qualified name (stable across
+    processes, unlike their address); other leaves by ``repr``."""
+    leaves, treedef = jax.tree_util.tree_flatten(twist)
+    h = hashlib.sha256(str(treedef).encode())
     for leaf in leaves:
+        if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
         if isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
             arr = np.asarray(leaf)
             h.update(str(arr.dtype).encode() + str(arr.shape).encode() + arr.tobytes())
+        elif callable(leaf) and hasattr(leaf, "__qualname__"):
+            h.update(f"{getattr(leaf, '__module__', '')}.{leaf.__qualname__}".encode())
         else:
-            h.update(repr(type(leaf)).encode())
+            h.update(repr(leaf).encode())
     return h.hexdigest()[:16]
 
 
