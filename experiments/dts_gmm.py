@@ -16,6 +16,8 @@ Methods, at equal NFE (transition evaluations):
   dts_twisted_fk     variant "twisted": Boltzmann on the FK potential plus Russian roulette on it (unbiased);
   dts_twisted_oracle the same with the exact soft value as its twist (a diagnostic: the best a twist can do
                      for this growth rule);
+  tds           the twisted diffusion sampler (pplalign.guidance.tds: gradient-guided proposal on r(x̂_0)/β and
+                that twist; 2 NFE per particle-step); tds_gp: the same with the Gaussian-posterior twist below;
   smc_gp        pplalign.smc with the Gaussian-posterior twist (pplalign.potentials.GaussianPosteriorTwist: the
                 reward smoothed over N(x̂_0, v_s I), v_s from the data variance; no oracle knowledge);
   dts_twisted_gp     variant "twisted" with that twist, level-calibrated by an independent 128-particle pilot
@@ -53,6 +55,7 @@ import numpy as np
 import pplalign
 from models.gmm_diffusion import two_mode_problem
 from pplalign import metrics, search
+from pplalign.guidance import tds
 from pplalign.potentials import GaussianPosteriorTwist
 from pplalign.search import DTSConfig
 
@@ -321,13 +324,17 @@ def main(argv=None):
         "fk_smc": lambda k, n: pplalign.smc(k, target, n, twist=fk),
         "smc_oracle": lambda k, n: pplalign.smc(k, target, n, twist=oracle),
         "smc_gp": lambda k, n: pplalign.smc(k, target, n, twist=gp),
+        "tds": lambda k, n: tds(k, target, n),
+        "tds_gp": lambda k, n: tds(k, target, n, twist=gp),
     }
     twist_names = {"is": "none", "fk_smc": "DenoisedRewardTwist", "smc_oracle": "SoftValueTwist",
-                   "smc_gp": f"GaussianPosteriorTwist(data_variance={data_variance:.4f})"}
+                   "smc_gp": f"GaussianPosteriorTwist(data_variance={data_variance:.4f})", "tds": "tds-default",
+                   "tds_gp": f"tds-GaussianPosteriorTwist(data_variance={data_variance:.4f})"}
     if args.quick:
         smc_methods.pop("smc_oracle")
     for m_idx, (name, fn) in enumerate(smc_methods.items()):
         specs[name] = f"{'importance_sampling' if name == 'is' else 'smc'}|twist={twist_names[name]}|budgets={smc_budgets}|index={m_idx}"
+        per_particle = 2 * num_steps if name.startswith("tds") else num_steps  # TDS: a gradient per step
         hit = cached(name)
         if hit is not None:
             rows.extend(hit["rows"])
@@ -336,7 +343,7 @@ def main(argv=None):
             continue
         new_rows = []
         for b in smc_budgets:
-            n = max(1, b // num_steps)
+            n = max(1, b // per_particle)
             for s in range(seeds):
                 kk = jax.random.fold_in(jax.random.fold_in(k_is, m_idx), s * 100003 + b)
                 p = fn(kk, n)
@@ -439,7 +446,7 @@ def plot(rows, floor, exact_sq, out, values):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"is": "C0o-", "fk_smc": "C1s-", "smc_oracle": "C2^-", "smc_gp": "C8^--", "dts": "C3v-", "dts_uniform": "C4D-", "dts_consistent_fk": "C5P-", "dts_twisted_fk": "C6X-", "dts_twisted_oracle": "C7*-", "dts_twisted_gp": "C9D-"}
+    styles = {"is": "C0o-", "fk_smc": "C1s-", "smc_oracle": "C2^-", "smc_gp": "C8^--", "tds": "C1<--", "tds_gp": "C8<:", "dts": "C3v-", "dts_uniform": "C4D-", "dts_consistent_fk": "C5P-", "dts_twisted_fk": "C6X-", "dts_twisted_oracle": "C7*-", "dts_twisted_gp": "C9D-"}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for metric, ax, ylabel in (("energy", axes[0], "energy distance to σ"), ("mode_tv", axes[1], "mode-weight TV"), ("sq_dist", axes[2], "E‖x − c‖²")):
         for method, style in styles.items():

@@ -153,6 +153,12 @@ class GaussianPosteriorTwist:
         var = posterior_variance(self.base.alpha_bars[state.time], self.data_variance)
         return self.log_psi(self.base.denoised(state), var)
 
+    def log_psi_at(self, x, s, t) -> jax.Array:
+        """log ψ̃ as a differentiable function of the point x at diffusion time s (the guidance interface of
+        :mod:`pplalign.guidance`, e.g. ``tds(..., twist=this)``; one denoiser evaluation)."""
+        var = posterior_variance(self.base.alpha_bars[s], self.data_variance)
+        return self.log_psi(self.base.denoise(x, s), var)
+
 
 class RunningMaxState(NamedTuple):
     inner: Any  # the wrapped program's state
