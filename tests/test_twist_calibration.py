@@ -58,6 +58,8 @@ def test_gaussian_posterior_twist_is_exact_for_gaussian_data(gaussian_data):
         got = jax.vmap(lambda x: twist(GMMState(x, jnp.int32(s)), 0))(xs)
         want = jax.vmap(lambda x: model.log_soft_value(x, s, reward, BETA))(xs)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+    # the guidance interface (pplalign.guidance.tds) gives the same value from the point itself
+    np.testing.assert_allclose(float(twist.log_psi_at(xs[0], 5, 0)), float(twist(GMMState(xs[0], jnp.int32(5)), 0)), rtol=1e-6)
     # at s = 0 it is the reward over beta
     x = jnp.array([2.0, -1.0])
     np.testing.assert_allclose(float(twist(GMMState(x, jnp.int32(0)), 0)), float(reward(x)) / BETA, rtol=1e-6)
