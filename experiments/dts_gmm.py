@@ -446,7 +446,7 @@ def plot(rows, floor, exact_sq, out, values):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"is": "C0o-", "fk_smc": "C1s-", "smc_oracle": "C2^-", "smc_gp": "C8^--", "tds": "C1<--", "tds_gp": "C8<:", "dts": "C3v-", "dts_uniform": "C4D-", "dts_consistent_fk": "C5P-", "dts_twisted_fk": "C6X-", "dts_twisted_oracle": "C7*-", "dts_twisted_gp": "C9D-"}
+    styles = {"is": "C0o-", "fk_smc": "C1s-", "smc_oracle": "C2^-", "smc_gp": "C8^--", "tds": "k<--", "tds_gp": "m<:", "dts": "C3v-", "dts_uniform": "C4D-", "dts_consistent_fk": "C5P-", "dts_twisted_fk": "C6X-", "dts_twisted_oracle": "C7*-", "dts_twisted_gp": "C9D-"}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for metric, ax, ylabel in (("energy", axes[0], "energy distance to σ"), ("mode_tv", axes[1], "mode-weight TV"), ("sq_dist", axes[2], "E‖x − c‖²")):
         for method, style in styles.items():
