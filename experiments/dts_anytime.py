@@ -24,9 +24,8 @@ import time
 import jax
 import numpy as np
 
-from experiments.dts_gmm import build, evaluate
+from experiments.dts_gmm import build, evaluate, gaussian_posterior_twist
 from pplalign import metrics, search
-from pplalign.potentials import GaussianPosteriorTwist
 from pplalign.search import DTSConfig
 
 
@@ -49,8 +48,7 @@ def main(argv=None):
     key = jax.random.PRNGKey(7)
     if args.variant == "twisted_gp":
         config, variant = DTSConfig("twisted"), "twisted"
-        data_variance = float(np.mean(np.var(np.asarray(model.sample_data(jax.random.PRNGKey(1), 10_000)), axis=0)))
-        guess = GaussianPosteriorTwist.create(model, reward, beta, data_variance=data_variance)
+        guess, _ = gaussian_posterior_twist(model, reward, beta)
         twist = search.calibrate_twist(jax.random.PRNGKey(5), target, guess, 32 if args.quick else 128)
         pilot_nfe = int(twist.pilot_nfe)
         # a twisted iteration adds ~16 nodes here (its rollouts branch and are cut); room for 1.5× the plain

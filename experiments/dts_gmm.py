@@ -80,6 +80,13 @@ def build(num_steps: int):
     return model, reward, beta, target, exact
 
 
+def gaussian_posterior_twist(model, reward, beta):
+    """(twist, data_variance): :class:`GaussianPosteriorTwist` with what a user knows, the training data's
+    per-coordinate variance (here estimated from 10⁴ data draws)."""
+    data_variance = float(np.mean(np.var(np.asarray(model.sample_data(jax.random.PRNGKey(1), 10_000)), axis=0)))
+    return GaussianPosteriorTwist.create(model, reward, beta, data_variance=data_variance), data_variance
+
+
 def mode_tv(x, exact) -> float:
     """TV between the exact component weights of σ and the empirical weights of the samples' most likely
     component under σ."""
@@ -316,9 +323,7 @@ def main(argv=None):
     rows = []
     fk = DenoisedRewardTwist(model, reward, jnp.float32(beta))
     oracle = model.soft_value_twist(reward, beta)
-    # what a user knows: the training data's per-coordinate variance (here from 10⁴ data draws)
-    data_variance = float(np.mean(np.var(np.asarray(model.sample_data(jax.random.PRNGKey(1), 10_000)), axis=0)))
-    gp = GaussianPosteriorTwist.create(model, reward, beta, data_variance=data_variance)
+    gp, data_variance = gaussian_posterior_twist(model, reward, beta)
     smc_methods = {
         "is": lambda k, n: pplalign.importance_sampling(k, target, n),
         "fk_smc": lambda k, n: pplalign.smc(k, target, n, twist=fk),

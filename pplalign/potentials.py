@@ -149,15 +149,16 @@ class GaussianPosteriorTwist:
         values = jax.vmap(lambda x: jnp.asarray(self.reward(x), jnp.float32))(xs) / self.beta
         return jax.nn.logsumexp(values) - jnp.log(values.shape[0])
 
+    def _smoothed(self, x0_hat, s) -> jax.Array:
+        return self.log_psi(x0_hat, posterior_variance(self.base.alpha_bars[s], self.data_variance))
+
     def __call__(self, state, t) -> jax.Array:
-        var = posterior_variance(self.base.alpha_bars[state.time], self.data_variance)
-        return self.log_psi(self.base.denoised(state), var)
+        return self._smoothed(self.base.denoised(state), state.time)
 
     def log_psi_at(self, x, s, t) -> jax.Array:
         """log ψ̃ as a differentiable function of the point x at diffusion time s (the guidance interface of
         :mod:`pplalign.guidance`, e.g. ``tds(..., twist=this)``; one denoiser evaluation)."""
-        var = posterior_variance(self.base.alpha_bars[s], self.data_variance)
-        return self.log_psi(self.base.denoise(x, s), var)
+        return self._smoothed(self.base.denoise(x, s), s)
 
 
 class RunningMaxState(NamedTuple):

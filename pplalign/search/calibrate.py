@@ -59,24 +59,16 @@ def _pilot(key, target: Tilted, twist, num_particles: int):
     num_steps = target.num_steps
     n = num_particles
     log_n = jnp.log(jnp.float32(n))
-
-    def score(states, t):
-        last = t == num_steps - 1
-        reward = jax.vmap(lambda s: jnp.asarray(target.log_potential(base.output(s)), jnp.float32))(states)
-        guess = jax.vmap(lambda s: jnp.asarray(twist(s, t), jnp.float32))(states)
-        return _sanitize(jnp.where(last, reward, guess))[0]
+    guess = lambda states, t: _sanitize(jax.vmap(lambda s: jnp.asarray(twist(s, t), jnp.float32))(states))[0]
+    reward = lambda states, t: _sanitize(
+        jax.vmap(lambda s: jnp.asarray(target.log_potential(base.output(s)), jnp.float32))(states))[0]
 
     def resample(k, states, h, log_w):
         idx = jax.random.categorical(k, log_w, shape=(n,))
         return jax.tree_util.tree_map(lambda a: a[idx], states), h[idx]
 
-    k_init, k_steps = jax.random.split(key)
-    states = jax.vmap(base.init)(jax.random.split(k_init, n))
-    h = score(states, jnp.asarray(-1, jnp.int32))
-    log_z = jax.nn.logsumexp(h) - log_n
-    states, h = resample(jax.random.fold_in(k_init, 1), states, h, h)
-
-    def body(carry, t):
+    def advance(carry, t, score):
+        """Step t of the pilot: move, weight by ψ̃_t/ψ̃_{t−1}, accumulate log Ẑ_t, resample."""
         states, h, log_z = carry
         k_move, k_res = jax.random.split(jax.random.fold_in(k_steps, t))
         x = jax.vmap(lambda s, k: base.transition(s, t).sample(k))(states, jax.random.split(k_move, n))
@@ -87,9 +79,15 @@ def _pilot(key, target: Tilted, twist, num_particles: int):
         states, h_new = resample(k_res, states, h_new, log_w)
         return (states, h_new, log_z), log_z
 
-    first = log_z
-    _, rest = jax.lax.scan(body, (states, h, log_z), jnp.arange(num_steps, dtype=jnp.int32))
-    return jnp.concatenate([first[None], rest])
+    k_init, k_steps = jax.random.split(key)
+    states = jax.vmap(base.init)(jax.random.split(k_init, n))
+    h = guess(states, jnp.asarray(-1, jnp.int32))
+    log_z = jax.nn.logsumexp(h) - log_n
+    states, h = resample(jax.random.fold_in(k_init, 1), states, h, h)
+    # steps 0..T−2 score the twist; the last step scores the reward (the tilt itself)
+    carry, middle = jax.lax.scan(lambda c, t: advance(c, t, guess), (states, h, log_z), jnp.arange(num_steps - 1, dtype=jnp.int32))
+    _, last = advance(carry, jnp.asarray(num_steps - 1, jnp.int32), reward)
+    return jnp.concatenate([log_z[None], middle, last[None]])
 
 
 _pilot_jit = filter_jit(_pilot)
