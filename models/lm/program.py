@@ -31,7 +31,7 @@ import numpyro.distributions as dist
 from .tokenizer import BOS, EOS, PAD, Tokenizer
 from .transformer import Transformer
 
-__all__ = ["PromptCache", "LMState", "LMProgram", "prompt_caches", "vmap_prompts", "ancestral_sample",
+__all__ = ["PromptCache", "LMState", "LMProgram", "prompt_caches", "special_ids", "vmap_prompts", "ancestral_sample",
            "stay_in_place", "in_place_ancestors"]
 
 
@@ -60,8 +60,9 @@ class LMState(NamedTuple):
 
 
 def prompt_caches(model: Transformer, prompts: Sequence[Sequence[int]] | np.ndarray, *, pad_to: Optional[int] = None,
-                  cache_dtype: Any = jnp.float32) -> PromptCache:
+                  cache_dtype: Any = jnp.float32, pad_id: int = PAD) -> PromptCache:
     """Prefill a batch of prompts (lists of token ids, ``<bos>`` first); a PromptCache with leading axis B.
+    ``model`` is any decoder with the ``Transformer`` contract (e.g. a :class:`models.hf.Decoder`).
 
     Raises ``ValueError`` for an empty prompt or one longer than ``pad_to`` / the model's ``max_len``."""
     rows = [list(map(int, p)) for p in prompts]
@@ -76,14 +77,16 @@ def prompt_caches(model: Transformer, prompts: Sequence[Sequence[int]] | np.ndar
     vocab = model.cfg.vocab_size
     if any(not 0 <= i < vocab for r in rows for i in r):
         raise ValueError(f"prompt token ids must lie in [0, {vocab})")
-    tokens = np.full((len(rows), pad_to), PAD, np.int32)
+    tokens = np.full((len(rows), pad_to), pad_id, np.int32)
     for i, r in enumerate(rows):
         tokens[i, : len(r)] = r
     lengths = jnp.asarray([len(r) for r in rows], jnp.int32)
     logits, hidden, kv = _prefill(model, jnp.asarray(tokens))
     last = lengths - 1
     take = lambda a: jnp.take_along_axis(a, last[:, None, None], axis=1)[:, 0]
-    return PromptCache(kv.astype(cache_dtype), jnp.asarray(tokens) != PAD, lengths, take(logits), take(hidden), jnp.asarray(tokens))
+    # the mask comes from the lengths, not from the pad id: a real model's pad id may occur inside a prompt
+    real = jnp.arange(pad_to)[None, :] < lengths[:, None]
+    return PromptCache(kv.astype(cache_dtype), real, lengths, take(logits), take(hidden), jnp.asarray(tokens))
 
 
 @jax.jit
@@ -96,34 +99,51 @@ def _prefill(model, tokens):
 class LMProgram:
     """Sequential program p₀(x_0..x_{T-1} | prompt) of a :class:`Transformer` (see the module docstring).
 
-    Build with :meth:`from_prompt` (one prompt) or ``LMProgram(model, prompt_caches(...)[i], ...)``.
-    ``logit_mask`` [V] (0 or −inf) bans tokens (``<pad>`` and ``<bos>`` by default).
+    Build with :meth:`from_prompt` (one prompt) or :meth:`build` (a prefilled prompt cache).
+    ``logit_mask`` [V] (0 or −inf) bans tokens (the pad token, and ``<bos>`` when it is not an end token).
+    ``eos_ids`` are the end tokens (several for e.g. Llama-3: ``<|end_of_text|>``, ``<|eot_id|>``); after one
+    of them every step draws ``pad_id`` with probability 1. The in-house vocabulary's are the defaults; a
+    Hugging Face tokenizer gives its own (:func:`special_ids`).
     """
 
     model: Transformer
     prompt: PromptCache
     logit_mask: jax.Array
+    eos_ids: jax.Array
     num_steps: int = dataclasses.field(metadata=dict(static=True))
     bucket: int = dataclasses.field(default=8, metadata=dict(static=True))
     reorder_mode: str = dataclasses.field(default="inplace", metadata=dict(static=True))
+    pad_id: int = dataclasses.field(default=PAD, metadata=dict(static=True))
 
     @classmethod
     def from_prompt(cls, model: Transformer, prompt: str | Sequence[int], num_steps: int, *,
                     tokenizer: Optional[Tokenizer] = None, prompt_cache_len: Optional[int] = None,
-                    cache_dtype: Any = jnp.float32, bucket: int = 8, reorder_mode: str = "inplace",
+                    cache_dtype: Any = None, bucket: int = 8, reorder_mode: str = "inplace",
                     banned: Sequence[int] = ()) -> "LMProgram":
-        """A program continuing ``prompt`` (text, encoded with ``tokenizer`` and ``<bos>`` first; or ids)."""
+        """A program continuing ``prompt`` (text, encoded with ``tokenizer``; or ids).
+
+        The end, pad and ``<bos>`` ids come from ``tokenizer`` when given (a Hugging Face tokenizer carries
+        those of its ``generation_config.json``), else from the in-house vocabulary. ``cache_dtype`` defaults
+        to the model's ``cache_dtype`` attribute (set by ``models.hf.load_pretrained``), else float32."""
         if isinstance(prompt, str):
             if tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer")
             prompt = tokenizer.encode(prompt)
+        if tokenizer is not None and tokenizer.vocab_size > model.cfg.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only "
+                             f"{model.cfg.vocab_size}: they do not belong together")
+        if cache_dtype is None:
+            cache_dtype = getattr(model, "cache_dtype", None) or jnp.float32
+        eos_ids, pad_id, bos_id = special_ids(tokenizer)
         cache = jax.tree_util.tree_map(lambda a: a[0], prompt_caches(model, [prompt], pad_to=prompt_cache_len,
-                                                                     cache_dtype=cache_dtype))
-        return cls.build(model, cache, num_steps, bucket=bucket, reorder_mode=reorder_mode, banned=banned)
+                                                                     cache_dtype=cache_dtype, pad_id=pad_id))
+        return cls.build(model, cache, num_steps, bucket=bucket, reorder_mode=reorder_mode, banned=banned,
+                         eos_ids=eos_ids, pad_id=pad_id, bos_id=bos_id)
 
     @classmethod
     def build(cls, model: Transformer, prompt: PromptCache, num_steps: int, *, bucket: int = 8,
-              reorder_mode: str = "inplace", banned: Sequence[int] = ()) -> "LMProgram":
+              reorder_mode: str = "inplace", banned: Sequence[int] = (), eos_ids: Sequence[int] = (EOS,),
+              pad_id: int = PAD, bos_id: Optional[int] = BOS) -> "LMProgram":
         if not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive int; got {num_steps!r}")
         if reorder_mode not in ("bucketed", "full", "inplace"):
@@ -134,22 +154,29 @@ class LMProgram:
         if p + num_steps > model.cfg.max_len:
             raise ValueError(
                 f"prompt cache ({p} tokens) + {num_steps} generated tokens exceed the model's max_len "
-                f"{model.cfg.max_len}: the prompt is longer than the cache allows")
-        mask = np.zeros(model.cfg.vocab_size, np.float32)
-        mask[[PAD, BOS, *banned]] = -np.inf
-        return cls(model, prompt, jnp.asarray(mask), num_steps, bucket, reorder_mode)
+                f"(max_position_embeddings) {model.cfg.max_len}: the prompt is longer than the cache allows")
+        vocab = model.cfg.vocab_size
+        eos = sorted({int(e) for e in eos_ids})
+        if not eos or any(not 0 <= e < vocab for e in eos) or not 0 <= int(pad_id) < vocab:
+            raise ValueError(f"eos_ids {eos} and pad_id {pad_id} must be ids of the model's {vocab} tokens")
+        # the pad and <bos> tokens are never drawn, unless they double as an end token (GPT-2's <|endoftext|>)
+        never = [i for i in (pad_id, bos_id) if i is not None and i not in eos]
+        mask = np.zeros(vocab, np.float32)
+        mask[[*never, *banned]] = -np.inf
+        return cls(model, prompt, jnp.asarray(mask), jnp.asarray(eos, jnp.int32), num_steps, bucket, reorder_mode,
+                   int(pad_id))
 
     # --- the Sequential protocol ---------------------------------------------------------------------------
     @property
     def _pad_logits(self) -> jax.Array:
-        return jnp.where(jnp.arange(self.model.cfg.vocab_size) == PAD, 0.0, -jnp.inf)
+        return jnp.where(jnp.arange(self.model.cfg.vocab_size) == self.pad_id, 0.0, -jnp.inf)
 
     def init(self, key: jax.Array) -> LMState:
         del key
         cfg = self.model.cfg
         d = cfg.d_model
-        kv = jnp.zeros((cfg.num_layers, 2, self.num_steps, d), self.prompt.kv.dtype)
-        return LMState(kv, jnp.full((self.num_steps,), PAD, jnp.int32),
+        kv = jnp.zeros((cfg.num_layers, 2, self.num_steps, cfg.kv_dim), self.prompt.kv.dtype)
+        return LMState(kv, jnp.full((self.num_steps,), self.pad_id, jnp.int32),
                        (self.prompt.logits + self.logit_mask).astype(jnp.float32), self.prompt.hidden.astype(jnp.float32),
                        jnp.zeros((d,), jnp.float32), jnp.asarray(-1, jnp.int32), jnp.asarray(False),
                        jnp.asarray(0, jnp.int32))
@@ -159,11 +186,11 @@ class LMProgram:
 
     def update(self, state: LMState, x_t, t) -> LMState:
         t = jnp.asarray(t, jnp.int32)
-        x = jnp.where(state.done, PAD, jnp.asarray(x_t, jnp.int32))
+        x = jnp.where(state.done, self.pad_id, jnp.asarray(x_t, jnp.int32))
         gen_mask = jnp.arange(self.num_steps) <= t
         logits, hidden, kv = self.model.decode_step(x, self.prompt.length + t, self.prompt.kv, self.prompt.mask,
                                                     state.kv, t, gen_mask)
-        now_done = state.done | (x == EOS)
+        now_done = state.done | jnp.any(x == self.eos_ids)
         logits = jnp.where(now_done, self._pad_logits, logits + self.logit_mask)
         return LMState(
             kv,
@@ -232,6 +259,14 @@ class LMProgram:
     @property
     def vocab_size(self) -> int:
         return self.model.cfg.vocab_size
+
+
+def special_ids(tokenizer: Any = None) -> tuple[list[int], int, Optional[int]]:
+    """(end ids, pad id, ``<bos>`` id) of a tokenizer: a Hugging Face tokenizer's ``eos_ids``/``pad_id``/
+    ``bos_id``, else the in-house vocabulary's ``<eos>``, ``<pad>``, ``<bos>``."""
+    if tokenizer is None or not hasattr(tokenizer, "eos_ids"):
+        return [EOS], PAD, BOS
+    return list(tokenizer.eos_ids), int(tokenizer.pad_id), tokenizer.bos_id
 
 
 def vmap_prompts(fn: Callable[[jax.Array, LMProgram], Any], program: LMProgram, prompts: PromptCache, key: jax.Array):

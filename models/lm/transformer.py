@@ -46,6 +46,11 @@ class LMConfig:
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
 
+    @property
+    def kv_dim(self) -> int:
+        """Width of one layer's cached keys (every head has its own keys here)."""
+        return self.d_model
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
 
