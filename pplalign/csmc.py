@@ -14,15 +14,69 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from . import resampling as resampling_lib
 from ._filter_jit import filter_jit
+from ._validation import check_distribution, check_inputs
 from .particles import Particles, raise_on_nonfinite
-from .smc import check_inputs, run_smc
+from .smc import run_smc
 
-__all__ = ["csmc"]
+__all__ = ["csmc", "check_reference"]
 
 _compiled = filter_jit(run_smc)
+
+
+def _reference_log_probs(key, target, reference):
+    """log p₀(x_t^ref | x_{<t}^ref) and whether x_t^ref lies in the support of step t, for every t: one
+    pass of the reference path through the program (T transitions, one particle). Raises, while tracing,
+    a ValueError for a step whose draws have another dtype kind or shape than the reference's values."""
+    base = target.base
+
+    def body(state, t):
+        ref_t = jax.tree_util.tree_map(lambda r: r[t], reference)
+        d = check_distribution(base.transition(state, t), "transition")
+        draw = jax.eval_shape(d.sample, key)
+        for want, have in zip(jax.tree_util.tree_leaves(draw), jax.tree_util.tree_leaves(ref_t)):
+            integer = lambda dtype: jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_)
+            if integer(want.dtype) != integer(have.dtype) or want.shape != have.shape:
+                raise ValueError(
+                    f"reference values must match the draws of every step: the transition draws {want.dtype} of "
+                    f"shape {want.shape}, the reference holds {have.dtype} of shape {have.shape} (dtype or shape)"
+                )
+        try:
+            in_support = jnp.all(d.support(ref_t))
+        except NotImplementedError:  # a distribution without a support: its log-density below still checks
+            in_support = jnp.asarray(True)
+        return base.update(state, ref_t, t), (in_support, jnp.sum(d.log_prob(ref_t)))
+
+    _, (in_support, log_p) = jax.lax.scan(body, base.init(key), jnp.arange(target.num_steps))
+    return in_support, log_p
+
+
+_reference_log_probs_jit = filter_jit(_reference_log_probs)
+
+
+def check_reference(key, target: Any, reference: Any) -> None:
+    """Raise ``ValueError`` unless ``reference`` is a path the program can draw: leading axis T on every
+    leaf, each step's values of the dtype kind and shape the step draws, inside the step's support (a
+    Categorical over K values needs integers in [0, K)) and of positive prior probability, log p₀ > −inf.
+    The value checks run when the reference is concrete (not under the caller's jit)."""
+    steps = target.num_steps
+    for leaf in jax.tree_util.tree_leaves(reference):
+        if jnp.shape(leaf)[:1] != (steps,):
+            raise ValueError(f"reference leaves need leading axis T={steps}; got shape {jnp.shape(leaf)}")
+    in_support, log_p = _reference_log_probs_jit(key, target, reference)
+    if isinstance(log_p, jax.core.Tracer):
+        return
+    in_support, log_p = np.asarray(in_support), np.asarray(log_p)
+    bad = np.flatnonzero(~in_support | (log_p == -np.inf))
+    if bad.size:
+        t = int(bad[0])
+        value = jax.tree_util.tree_map(lambda r: np.asarray(r[t]).tolist(), reference)
+        why = "outside the support of" if not in_support[t] else "of zero probability (log p0 = -inf) under"
+        raise ValueError(f"the reference value {value} at step {t} is {why} the program's transition at that step")
 
 
 def csmc(
@@ -39,12 +93,9 @@ def csmc(
 ) -> Particles:
     """SMC with particle 0 pinned to ``reference`` (a pytree whose leaves have leading axis T: the value of
     x_t drawn at every step). Same weights and twists as :func:`pplalign.smc`; returns :class:`Particles`
-    with particle 0 holding the reference."""
-    check_inputs(target, num_particles, ess_threshold, mesh)
-    steps = target.num_steps
-    for leaf in jax.tree_util.tree_leaves(reference):
-        if leaf.shape[:1] != (steps,):
-            raise ValueError(f"reference leaves need leading axis T={steps}; got shape {leaf.shape}")
+    with particle 0 holding the reference. The reference is checked by :func:`check_reference`."""
+    num_particles, ess_threshold = check_inputs(target, num_particles, ess_threshold, mesh, key=key)
+    check_reference(key, target, reference)
     result = _compiled(
         key,
         target,
@@ -52,9 +103,9 @@ def csmc(
         twist,
         proposal,
         resampling_lib.multinomial,
-        float(ess_threshold),
+        ess_threshold,
         reference,
         mesh,
         bool(optimal_proposal),
     )
-    return raise_on_nonfinite(result, target.reward)
+    return raise_on_nonfinite(result, target.reward, twist)

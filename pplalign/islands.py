@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from ._filter_jit import filter_jit
+from ._validation import check_count, check_key
 from .distributed import check_mesh, constrain_particles
 from .particles import Particles, raise_on_nonfinite
 
@@ -62,12 +63,19 @@ def _runner(target: Any, sampler: Optional[str]):
 
 
 def _check_target(target: Any, sampler: Optional[str], num_particles: Any, kwargs: dict) -> None:
+    """The checks of the sampler each island runs (its ``kwargs`` normalised in place: a string resampler
+    becomes the function, numpy counts and 0-d thresholds become Python numbers)."""
     from .programs import Tilted
 
     if isinstance(target, Tilted):
-        from .smc import check_inputs
+        from . import resampling as resampling_lib
+        from ._validation import check_inputs
 
-        check_inputs(target, num_particles, kwargs.get("ess_threshold", 0.5))
+        threshold = check_inputs(target, num_particles, kwargs.get("ess_threshold", 0.5))[1]
+        if "ess_threshold" in kwargs:
+            kwargs["ess_threshold"] = threshold
+        if "resampling" in kwargs:
+            kwargs["resampling"] = resampling_lib.resolve(kwargs["resampling"])
     else:
         from .static import check_static_inputs
 
@@ -76,8 +84,10 @@ def _check_target(target: Any, sampler: Optional[str], num_particles: Any, kwarg
             from .tempered import _check
 
             get = kwargs.get
-            _check(target, num_particles, get("ess_target", 0.5), get("mcmc", "rwmh"), get("num_mcmc_steps", 5),
-                   get("num_leapfrog", 5), get("max_stages", 50), get("schedule"), None)
+            checked = _check(target, num_particles, get("ess_target", 0.5), get("mcmc", "rwmh"), get("num_mcmc_steps", 5),
+                             get("num_leapfrog", 5), get("max_stages", 50), get("schedule"), None)
+            names = ("ess_target", "num_mcmc_steps", "num_leapfrog", "max_stages")
+            kwargs.update({k: v for k, v in zip(names, checked[1:]) if k in kwargs})
     _runner(target, sampler)
 
 
@@ -112,6 +122,8 @@ def pool_islands(islands: Particles) -> Particles:
         jnp.sum(islands.nfe).astype(jnp.int32),
         jnp.any(islands.nonfinite_reward),
         all_zero,
+        jnp.any(islands.nonfinite_twist),
+        jnp.any(islands.invalid_beta),
     )
 
 
@@ -154,10 +166,9 @@ def island_smc(
     """
     if num_islands is None:
         num_islands = 1 if mesh is None else int(mesh.devices.size)
-    if isinstance(num_islands, bool) or not isinstance(num_islands, int) or num_islands < 1:
-        raise ValueError(f"num_islands must be an int >= 1; got {num_islands!r}")
-    if not isinstance(num_particles, int) or isinstance(num_particles, bool) or num_particles < 1:
-        raise ValueError(f"num_particles must be an int >= 1; got {num_particles!r}")
+    check_key(key)
+    num_islands = check_count(num_islands, "num_islands")
+    num_particles = check_count(num_particles, "num_particles")
     if num_particles % num_islands:
         raise ValueError(f"num_particles={num_particles} is not divisible by num_islands={num_islands}")
     if mesh is not None and num_islands % mesh.devices.size:
@@ -165,7 +176,7 @@ def island_smc(
     check_mesh(mesh, num_particles)
     _check_target(target, sampler, num_particles // num_islands, kwargs)
     pooled, per_island = _compiled_islands(key, target, num_particles, num_islands, sampler, mesh, tuple(sorted(kwargs.items())))
-    pooled = raise_on_nonfinite(pooled, target.reward)
+    pooled = raise_on_nonfinite(pooled, target.reward, kwargs.get("twist"))
     return (pooled, per_island) if return_islands else pooled
 
 
@@ -179,6 +190,28 @@ def _run_many(key, targets, num_particles, sampler, in_axes, mesh, kwargs):
 
 
 _compiled_many = filter_jit(_run_many)
+
+
+def _check_batch(targets: Any, kwargs: dict) -> None:
+    """Every concrete β of the batch valid (a traced one is flagged per row, ``Particles.invalid_beta``);
+    the sampler's keyword arguments normalised in place as for one run."""
+    import numpy as np
+
+    from . import resampling as resampling_lib
+    from ._validation import check_fraction
+    from .programs import validate_beta
+
+    beta = getattr(targets, "beta", None)
+    if beta is not None and not isinstance(beta, jax.core.Tracer):
+        for i, b in enumerate(np.ravel(np.asarray(beta))):
+            try:
+                validate_beta(b)
+            except ValueError as err:
+                raise ValueError(f"target {i} of the batch: {err}") from None
+    if "ess_threshold" in kwargs:
+        kwargs["ess_threshold"] = check_fraction(kwargs["ess_threshold"], "ess_threshold")
+    if "resampling" in kwargs:
+        kwargs["resampling"] = resampling_lib.resolve(kwargs["resampling"])
 
 
 def many(
@@ -196,8 +229,8 @@ def many(
     equals a single run with that key. ``in_axes`` is the ``vmap`` spec of ``targets`` (e.g. to share a
     model's weights across prompts). Every field of the result has a leading axis B. ``mesh`` shards the
     particle axis of every run (N divisible by the device count)."""
-    if not isinstance(num_particles, int) or isinstance(num_particles, bool) or num_particles < 1:
-        raise ValueError(f"num_particles must be an int >= 1; got {num_particles!r}")
+    check_key(key)
+    num_particles = check_count(num_particles, "num_particles")
     check_mesh(mesh, num_particles)
     leaves = [x for x in jax.tree_util.tree_leaves(targets) if hasattr(x, "shape") and x.ndim > 0]
     if not leaves:
@@ -205,8 +238,10 @@ def many(
     sizes = {x.shape[0] for x in leaves} if in_axes == 0 else None
     if sizes is not None and len(sizes) != 1:
         raise ValueError(f"every array leaf of targets needs the same leading batch axis; got sizes {sorted(sizes)}")
+    _check_batch(targets, kwargs)
     kw = tuple(sorted(kwargs.items()))
     result = _compiled_many(key, targets, num_particles, sampler, in_axes, mesh, kw)
-    if bool(jnp.any(result.nonfinite_reward)):
-        raise ValueError("a reward returned NaN or +inf for some particles of some target")
+    if bool(jnp.any(result.nonfinite_twist)) or bool(jnp.any(result.nonfinite_reward)):
+        merged = result._replace(nonfinite_reward=jnp.any(result.nonfinite_reward), nonfinite_twist=jnp.any(result.nonfinite_twist))
+        raise_on_nonfinite(merged, getattr(targets, "reward", None), kwargs.get("twist"))
     return result

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Sequential", "Twist", "Tilted", "tilt", "is_sequential", "validate_beta"]
+__all__ = ["Sequential", "Twist", "Tilted", "tilt", "is_sequential", "validate_beta", "invalid_beta", "safe_beta"]
 
 State = Any
 X = Any
@@ -63,8 +63,14 @@ def is_sequential(obj: Any) -> bool:
     return all(hasattr(obj, name) for name in ("num_steps", "init", "transition", "update", "output"))
 
 
+_F32 = np.finfo(np.float32)
+
+
 def validate_beta(beta: Any) -> None:
-    """β must be a finite positive number (checked when concrete; traced β is checked by the caller)."""
+    """β must be a finite positive number that float32 holds as a normal number, β ∈ [2⁻¹²⁶, 3.4·10³⁸]
+    (checked when concrete). A smaller β would become 0 (or a denormal) in float32 and r/β a NaN or ±inf
+    that looks like a bad reward. A traced β is not checked here: the samplers report it in the result
+    (``Particles.invalid_beta``, see :func:`invalid_beta`)."""
     if isinstance(beta, (int, float)) and not isinstance(beta, bool):
         value = float(beta)
     elif isinstance(beta, jax.core.Tracer):
@@ -76,6 +82,23 @@ def validate_beta(beta: Any) -> None:
         value = float(arr)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"beta must be finite and > 0 (the KL coefficient); got {value}")
+    if not _F32.tiny <= value <= _F32.max:
+        raise ValueError(
+            f"beta = {value:g} is outside the normal float32 range [{_F32.tiny:.3g}, {_F32.max:.3g}] in which the "
+            "samplers compute r/beta; rescale the reward instead"
+        )
+
+
+def invalid_beta(beta: Any) -> jax.Array:
+    """[] bool: β is not a finite float32 ≥ 2⁻¹²⁶ (the traced counterpart of :func:`validate_beta`)."""
+    b = jnp.asarray(beta, jnp.float32)
+    return ~(jnp.isfinite(b) & (b >= _F32.tiny))
+
+
+def safe_beta(beta: Any) -> jax.Array:
+    """β where it is valid, else 1: r/β is then computed on a stand-in, the result is masked and flagged
+    (``Particles.invalid_beta``), and a bad β is never reported as a NaN reward."""
+    return jnp.where(invalid_beta(beta), jnp.float32(1.0), beta)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -96,8 +119,8 @@ class Tilted:
         return int(self.base.num_steps)
 
     def log_potential(self, x: X) -> jax.Array:
-        """log of the tilt, r(x)/β."""
-        return jnp.asarray(self.reward(x)) / self.beta
+        """log of the tilt, r(x)/β (with β = 1 standing in for an invalid traced β; see :func:`safe_beta`)."""
+        return jnp.asarray(self.reward(x)) / safe_beta(self.beta)
 
     def tree_flatten(self):
         return (self.base, self.reward, self.beta), None

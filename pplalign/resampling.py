@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["multinomial", "stratified", "systematic", "residual", "normalize"]
+__all__ = ["multinomial", "stratified", "systematic", "residual", "normalize", "resolve"]
 
 
 def normalize(log_weights: jax.Array) -> jax.Array:
@@ -61,3 +61,17 @@ def residual(key: jax.Array, log_weights: jax.Array, num: int) -> jax.Array:
     log_res = jnp.where(jnp.any(res > 0), log_res, jnp.log(w))
     drawn = jax.random.categorical(key, log_res, shape=(num,)).astype(jnp.int32)
     return jnp.where(jnp.arange(num) < num_deterministic, deterministic, drawn)
+
+
+BY_NAME = {"multinomial": multinomial, "stratified": stratified, "systematic": systematic, "residual": residual}
+
+
+def resolve(resampling):
+    """A resampler given as a function or by name (``"systematic"``, …); a ValueError for anything else."""
+    if isinstance(resampling, str):
+        if resampling not in BY_NAME:
+            raise ValueError(f"resampling must be a resampler or one of {sorted(BY_NAME)}; got {resampling!r}")
+        return BY_NAME[resampling]
+    if not callable(resampling):
+        raise ValueError(f"resampling must be a resampler (key, log_weights, num) -> indices or a name; got {resampling!r}")
+    return resampling

@@ -29,11 +29,12 @@ from . import resampling as resampling_lib
 from ._filter_jit import filter_jit
 from ._numerics import log_mean_exp_safe as _log_mean_exp
 from ._numerics import sanitize_log
-from .distributed import check_mesh, constrain_particles
-from .particles import Particles, raise_on_nonfinite
-from .programs import Tilted, is_sequential, validate_beta
+from ._validation import check_distribution, check_inputs
+from .distributed import constrain_particles
+from .particles import Particles, mark_invalid_beta, raise_on_nonfinite
+from .programs import Tilted
 
-__all__ = ["SMCState", "init", "step", "smc", "importance_sampling", "best_of_n", "run_smc"]
+__all__ = ["SMCState", "init", "step", "smc", "importance_sampling", "best_of_n", "run_smc", "check_inputs"]
 
 
 class SMCState(NamedTuple):
@@ -43,7 +44,7 @@ class SMCState(NamedTuple):
     log_weights: jax.Array  # [N] carried since the last resampling
     log_psi: jax.Array  # [N] log ψ_{t-1} of each particle's prefix (0 before step 0)
     log_Z: jax.Array  # [] Σ log-mean-exp of carried weights at past resamplings
-    nonfinite: jax.Array  # [] bool: some reward or twist returned NaN/+inf
+    nonfinite: jax.Array  # [2] bool: some (reward, twist or proposal log-density) was NaN/+inf
 
 
 class StepInfo(NamedTuple):
@@ -94,10 +95,10 @@ def reorder_states(base: Any, states: Any, ancestors: jax.Array, t: jax.Array) -
 
 
 def _propose_one(target: Tilted, twist, proposal, key, state, log_psi_prev, t, last: bool, pinned, optimal=True):
-    """Move one particle through step t; returns (new_state, log G_t, log ψ_t, nonfinite)."""
+    """Move one particle through step t; returns (new_state, log G_t, log ψ_t, nonfinite [2]: reward, twist)."""
     base = target.base
-    p = base.transition(state, t)
-    q = proposal(state, t) if proposal is not None else None
+    p = check_distribution(base.transition(state, t), "transition")
+    q = check_distribution(proposal(state, t), "proposal") if proposal is not None else None
     final_potential = lambda s: _sanitize(_check_scalar(target.log_potential(base.output(s)), "reward"))
 
     if optimal and twist is not None and q is None and _is_categorical(p):
@@ -121,10 +122,11 @@ def _propose_one(target: Tilted, twist, proposal, key, state, log_psi_prev, t, l
         new_state = base.update(state, x, t)
         log_g = log_norm - log_psi_prev
         log_psi = scores[x]
+        bad = jnp.stack([bad, False]) if last and cand_states is not None else jnp.stack([False, bad])
         if last and cand_states is None:
             r, bad_r = final_potential(new_state)
             log_g = log_g + r - log_psi
-            bad = bad | bad_r
+            bad = bad.at[0].set(bad_r)
             log_psi = r
         return new_state, log_g, log_psi, bad
 
@@ -134,11 +136,13 @@ def _propose_one(target: Tilted, twist, proposal, key, state, log_psi_prev, t, l
     log_g = jnp.zeros((), jnp.float32)
     if q is not None:
         log_g = jnp.sum(p.log_prob(x)) - jnp.sum(q.log_prob(x))
-    bad = jnp.zeros((), bool)
+    bad = jnp.zeros((2,), bool)
     if last:
-        log_psi, bad = final_potential(new_state)
+        log_psi, bad_r = final_potential(new_state)
+        bad = bad.at[0].set(bad_r)
     elif twist is not None:
-        log_psi, bad = _sanitize(_check_scalar(twist(new_state, t), "twist"))
+        log_psi, bad_t = _sanitize(_check_scalar(twist(new_state, t), "twist"))
+        bad = bad.at[1].set(bad_t)
     else:
         log_psi = jnp.zeros((), jnp.float32)
     log_g = log_g + log_psi - log_psi_prev
@@ -150,7 +154,7 @@ def init(key: jax.Array, target: Tilted, num_particles: int, mesh=None) -> SMCSt
     keys = jax.random.split(key, num_particles)
     states = jax.vmap(target.base.init)(keys)
     zeros = jnp.zeros((num_particles,), jnp.float32)
-    return SMCState(constrain_particles(states, mesh), zeros, zeros, jnp.zeros((), jnp.float32), jnp.zeros((), bool))
+    return SMCState(constrain_particles(states, mesh), zeros, zeros, jnp.zeros((), jnp.float32), jnp.zeros((2,), bool))
 
 
 def step(
@@ -190,8 +194,9 @@ def step(
         states, log_g, log_psi, bad = jax.vmap(
             lambda k, s, lp: _propose_one(target, twist, proposal, k, s, lp, t, last, pinned, optimal_proposal)
         )(keys, smc_state.states, smc_state.log_psi)
+    log_g = jnp.where(smc_state.log_psi == -jnp.inf, -jnp.inf, log_g)  # ψ_{t-1} = 0: dead already, not −inf − −inf
     log_g, bad_g = _sanitize(log_g)
-    nonfinite = smc_state.nonfinite | jnp.any(bad) | bad_g
+    nonfinite = smc_state.nonfinite | jnp.any(bad, axis=0) | jnp.stack([False, bad_g])
     log_w = smc_state.log_weights + log_g
     ess = ess_of(log_w)
     states = constrain_particles(states, mesh)
@@ -266,24 +271,11 @@ def run_smc(
     ess = jnp.concatenate([infos.ess, last_info.ess[None]])
     ancestors = jnp.concatenate([infos.ancestors, last_info.ancestors[None]], axis=0)
     nfe = jnp.asarray(num_particles * num_steps, jnp.int32)
-    return Particles(samples, state.log_weights, log_Z, ess, ancestors, nfe, state.nonfinite, all_zero)
+    result = Particles(samples, state.log_weights, log_Z, ess, ancestors, nfe, state.nonfinite[0], all_zero, state.nonfinite[1])
+    return mark_invalid_beta(result, target.beta)
 
 
 _compiled_run = filter_jit(run_smc)
-
-
-def check_inputs(target: Any, num_particles: Any, ess_threshold: Any, mesh=None) -> None:
-    """Fail early, with a message naming the culprit, on bad arguments (DESIGN §4)."""
-    if not isinstance(target, Tilted) or not is_sequential(target.base):
-        raise ValueError(
-            f"target must come from pplalign.tilt(base, reward, beta) with a Sequential base; got {type(target).__name__}"
-        )
-    validate_beta(target.beta)
-    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
-        raise ValueError(f"num_particles must be an int >= 1; got {num_particles!r}")
-    if not isinstance(ess_threshold, (int, float)) or not 0.0 <= float(ess_threshold) <= 1.0:
-        raise ValueError(f"ess_threshold must be a number in [0, 1]; got {ess_threshold!r}")
-    check_mesh(mesh, num_particles)
 
 
 def smc(
@@ -315,13 +307,14 @@ def smc(
         q_t ∝ p₀·ψ_t (True) or from p₀ with the twist as a Feynman–Kac potential ψ_t/ψ_{t-1} (False).
 
     Returns:
-      :class:`Particles`. Raises ``ValueError`` naming the reward if it returned NaN/+inf.
+      :class:`Particles`. Raises ``ValueError`` naming the reward or the twist if it returned NaN/+inf.
     """
-    check_inputs(target, num_particles, ess_threshold, mesh)
+    num_particles, ess_threshold = check_inputs(target, num_particles, ess_threshold, mesh, key=key)
+    resampling = resampling_lib.resolve(resampling)
     result = _compiled_run(
-        key, target, num_particles, twist, proposal, resampling, float(ess_threshold), None, mesh, bool(optimal_proposal)
+        key, target, num_particles, twist, proposal, resampling, ess_threshold, None, mesh, bool(optimal_proposal)
     )
-    return raise_on_nonfinite(result, target.reward)
+    return raise_on_nonfinite(result, target.reward, twist)
 
 
 def importance_sampling(key: jax.Array, target: Tilted, num_particles: int, *, proposal=None, mesh=None) -> Particles:
@@ -341,7 +334,7 @@ def best_of_n(key: jax.Array, target: Tilted, n: int) -> Particles:
     Returns a single-particle :class:`Particles` (leading axis 1). Its ``log_Z`` is the importance-sampling
     estimate from the same n draws (free, unbiased on the Z scale); ``nfe`` counts all n·T transitions.
     """
-    check_inputs(target, n, 0.0)
+    n, _ = check_inputs(target, n, 0.0, key=key, count_name="n")
     result = _compiled_best_of_n(key, target, n)
     return raise_on_nonfinite(result, target.reward)
 
@@ -359,6 +352,8 @@ def _best_of_n(key, target, n):
         p.nfe,
         p.nonfinite_reward,
         p.all_zero,
+        p.nonfinite_twist,
+        p.invalid_beta,
     )
 
 

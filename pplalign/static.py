@@ -34,8 +34,9 @@ from ._filter_jit import filter_jit
 from ._numerics import log_mean_exp_safe as log_mean_exp
 from ._numerics import sanitize_log as _sanitize
 from .distributed import check_mesh, constrain_particles
-from .particles import Particles, raise_on_nonfinite
-from .programs import validate_beta
+from ._validation import check_count, check_key
+from .particles import Particles, mark_invalid_beta, raise_on_nonfinite
+from .programs import safe_beta, validate_beta
 
 __all__ = [
     "Draw",
@@ -324,7 +325,7 @@ class StaticTilted:
                 f"reward {_name(self.reward)!r} must return a scalar per sample; got shape {value.shape} "
                 f"from the program's {self.reward_on}"
             )
-        return value / self.beta
+        return value / safe_beta(self.beta)
 
     def tree_flatten(self):
         return (self.program, self.reward, self.beta), self.reward_on
@@ -402,15 +403,18 @@ def tilt_static(
 # --- importance sampling ------------------------------------------------------------------------------
 
 
-def check_static_inputs(target: Any, num_particles: Any, mesh=None) -> None:
+def check_static_inputs(target: Any, num_particles: Any, mesh=None, *, key: Any = None) -> int:
+    """The checks of the static samplers (those of :func:`pplalign._validation.check_inputs`); returns N."""
     if not isinstance(target, StaticTilted):
         raise ValueError(
             f"target must come from pplalign.tilt(program, reward, beta) of a static program; got {type(target).__name__}"
         )
     validate_beta(target.beta)
-    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
-        raise ValueError(f"num_particles must be an int >= 1; got {num_particles!r}")
+    if key is not None:
+        check_key(key)
+    num_particles = check_count(num_particles, "num_particles")
     check_mesh(mesh, num_particles)
+    return num_particles
 
 
 def _check_proposal_covers(target: StaticTilted, proposal: Any) -> None:
@@ -453,7 +457,7 @@ def _run_is(key, target: StaticTilted, num_particles: int, proposal, mesh):
     ess = ess_of(log_w)[None]
     ancestors = jnp.arange(num_particles, dtype=jnp.int32)[None]
     nfe = jnp.asarray(num_particles, jnp.int32)
-    return Particles(draws, log_w, log_Z, ess, ancestors, nfe, jnp.any(bad), all_zero)
+    return mark_invalid_beta(Particles(draws, log_w, log_Z, ess, ancestors, nfe, jnp.any(bad), all_zero), target.beta)
 
 
 _compiled_is = filter_jit(_run_is)
@@ -473,7 +477,7 @@ def importance_sampling(key: jax.Array, target: StaticTilted, num_particles: int
     (identity) and ``nfe`` = N program evaluations. Raises ValueError naming the reward if it returned
     NaN/+inf.
     """
-    check_static_inputs(target, num_particles, mesh)
+    num_particles = check_static_inputs(target, num_particles, mesh, key=key)
     if proposal is not None:
         _check_proposal_covers(target, proposal)
     result = _compiled_is(key, target, num_particles, proposal, mesh)

@@ -47,7 +47,8 @@ from ._filter_jit import filter_jit
 from ._numerics import log_mean_exp_safe as _lme
 from ._numerics import logsumexp_safe as _logsumexp
 from .distributed import constrain_particles
-from .particles import Particles, raise_on_nonfinite
+from ._validation import check_count, check_fraction
+from .particles import Particles, mark_invalid_beta, raise_on_nonfinite
 from .static import StaticTilted, check_static_inputs
 
 __all__ = ["tempered_smc", "tempered_smc_with_info", "TemperedInfo", "run_tempered"]
@@ -216,11 +217,12 @@ def run_tempered(
     log_Z = c.log_Z
     all_zero = c.dead | ~jnp.any(jnp.isfinite(c.log_w))
     log_Z = jnp.where(all_zero, -jnp.inf, log_Z)
+    # the padding rows after a collapse describe a dead population: ESS 0, not the N of an idle stage
+    ess = jnp.where(all_zero & (jnp.arange(max_stages) >= c.stage), 0.0, c.ess)
     per_move = mcmc_lib.evaluations_per_move(mcmc, num_leapfrog)
     nfe = 2 * n + c.stage * (n * num_mcmc_steps * per_move)
-    particles = Particles(
-        c.points.draw, c.log_w, log_Z, c.ess, c.ancestors, nfe.astype(jnp.int32), c.nonfinite, all_zero
-    )
+    particles = Particles(c.points.draw, c.log_w, log_Z, ess, c.ancestors, nfe.astype(jnp.int32), c.nonfinite, all_zero)
+    particles = mark_invalid_beta(particles, target.beta)
     info = TemperedInfo(c.stage, c.lambdas, c.acceptance, c.multipliers)
     return particles, info
 
@@ -228,15 +230,16 @@ def run_tempered(
 _compiled = filter_jit(run_tempered)
 
 
-def _check(target, num_particles, ess_target, mcmc, num_mcmc_steps, num_leapfrog, max_stages, schedule, mesh):
-    check_static_inputs(target, num_particles, mesh)
-    if not isinstance(ess_target, (int, float)) or not 0.0 < float(ess_target) < 1.0:
-        raise ValueError(f"ess_target must be a number in (0, 1); got {ess_target!r}")
-    if mcmc not in mcmc_lib.KERNELS:
+def _check(target, num_particles, ess_target, mcmc, num_mcmc_steps, num_leapfrog, max_stages, schedule, mesh, key=None):
+    """Validate the arguments of :func:`tempered_smc`; returns (N, ess_target, num_mcmc_steps, num_leapfrog,
+    max_stages) normalised to Python numbers."""
+    num_particles = check_static_inputs(target, num_particles, mesh, key=key)
+    ess_target = check_fraction(ess_target, "ess_target", open_ends=True)
+    if not isinstance(mcmc, str) or mcmc not in mcmc_lib.KERNELS:
         raise ValueError(f"mcmc must be one of {sorted(mcmc_lib.KERNELS)}; got {mcmc!r}")
-    for name, value, low in (("num_mcmc_steps", num_mcmc_steps, 0), ("num_leapfrog", num_leapfrog, 1), ("max_stages", max_stages, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}; got {value!r}")
+    num_mcmc_steps = check_count(num_mcmc_steps, "num_mcmc_steps", 0)
+    num_leapfrog = check_count(num_leapfrog, "num_leapfrog", 1)
+    max_stages = check_count(max_stages, "max_stages", 1)
     z_shape = jax.eval_shape(lambda k: target.program.init(k)[0], jax.random.key(0))
     discrete = [
         jax.tree_util.keystr(path)
@@ -258,6 +261,7 @@ def _check(target, num_particles, ess_target, mcmc, num_mcmc_steps, num_leapfrog
             s = np.asarray(sched)
             if np.any(np.diff(s) < 0) or s[0] < 0 or s[-1] != 1.0 or np.any(s > 1):
                 raise ValueError("schedule must be non-decreasing in [0, 1] and end at 1")
+    return num_particles, ess_target, num_mcmc_steps, num_leapfrog, max_stages
 
 
 def tempered_smc_with_info(
@@ -274,11 +278,13 @@ def tempered_smc_with_info(
     mesh=None,
 ) -> tuple[Particles, TemperedInfo]:
     """:func:`tempered_smc`, also returning the :class:`TemperedInfo` (stages run, λ schedule, acceptance)."""
-    _check(target, num_particles, ess_target, mcmc, num_mcmc_steps, num_leapfrog, max_stages, schedule, mesh)
+    num_particles, ess_target, num_mcmc_steps, num_leapfrog, max_stages = _check(
+        target, num_particles, ess_target, mcmc, num_mcmc_steps, num_leapfrog, max_stages, schedule, mesh, key
+    )
     if schedule is not None:
         schedule = jnp.asarray(schedule, jnp.float32)
     particles, info = _compiled(
-        key, target, num_particles, float(ess_target), mcmc, num_mcmc_steps, num_leapfrog, max_stages, schedule, mesh
+        key, target, num_particles, ess_target, mcmc, num_mcmc_steps, num_leapfrog, max_stages, schedule, mesh
     )
     return raise_on_nonfinite(particles, target.reward), info
 

@@ -17,6 +17,7 @@ from .dts import (
     sample_tree,
     step,
 )
+from .fingerprint import stamp_tree
 from .tree import Tree
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "check_stochastic",
     "save_tree",
     "load_tree",
+    "stamp_tree",
     "calibrate_twist",
     "CalibratedTwist",
 ]

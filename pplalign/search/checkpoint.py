@@ -4,8 +4,6 @@ checkpoint of another configuration is refused with a clear error."""
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import os
 from typing import Any
@@ -15,44 +13,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from .dts import DTSConfig, init
+from .fingerprint import pytree_digest, setup_components, setup_stamp
 from .tree import Tree
 
-__all__ = ["save_tree", "load_tree", "fingerprint"]
+__all__ = ["save_tree", "load_tree", "fingerprint", "twist_digest"]
 
-
-def twist_digest(twist: Any) -> str:
-    """The twist's pytree structure and a SHA-256 of its leaves: a resumed "twisted" (or twist-guided
-    consistent) run must grow with the same ψ̃, e.g. the same calibration offsets. Array leaves (PRNG keys by
-    their key data) are hashed by dtype, shape and bytes; functions by module and qualified name (stable across
-    processes, unlike their address); other leaves by ``repr``."""
-    leaves, treedef = jax.tree_util.tree_flatten(twist)
-    h = hashlib.sha256(str(treedef).encode())
-    for leaf in leaves:
-        if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            leaf = jax.random.key_data(leaf)
-        if isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
-            arr = np.asarray(leaf)
-            h.update(str(arr.dtype).encode() + str(arr.shape).encode() + arr.tobytes())
-        elif callable(leaf) and hasattr(leaf, "__qualname__"):
-            h.update(f"{getattr(leaf, '__module__', '')}.{leaf.__qualname__}".encode())
-        else:
-            h.update(repr(leaf).encode())
-    return h.hexdigest()[:16]
+twist_digest = pytree_digest  # the digest a checkpoint keeps of the twist (see :mod:`.fingerprint`)
 
 
 def fingerprint(config: DTSConfig, target: Any, capacity: int, twist: Any = None) -> dict:
-    """What must agree between a checkpoint and the run that resumes it (the twist too, when one is given)."""
-    template = jax.eval_shape(target.base.init, jax.random.PRNGKey(0))
-    leaves = [[list(s.shape), str(s.dtype)] for s in jax.tree_util.tree_leaves(template)]
-    return {
-        "config": dataclasses.asdict(config),
-        "num_steps": int(target.num_steps),
-        "beta": float(target.beta),
-        "program": type(target.base).__name__,
-        "state_leaves": leaves,
-        "capacity": int(capacity),
-        **({} if twist is None else {"twist": twist_digest(twist)}),
-    }
+    """What must agree between a checkpoint and the run that resumes it: β, the config, digests of the
+    program, the reward and the twist (their pytree structure, function names and array leaves), the state
+    layout (:func:`~pplalign.search.fingerprint.setup_components`) and the capacity."""
+    return {**setup_components(config, target, twist), "capacity": int(capacity)}
 
 
 def save_tree(path: str, tree: Tree, key: jax.Array, config: DTSConfig, target: Any, twist: Any = None) -> None:
@@ -71,8 +44,9 @@ def save_tree(path: str, tree: Tree, key: jax.Array, config: DTSConfig, target: 
 
 def load_tree(path: str, config: DTSConfig, target: Any, twist: Any = None) -> tuple[Tree, jax.Array]:
     """Read a checkpoint written by :func:`save_tree`; returns (tree, key). Raises ``ValueError`` if it was
-    written for another configuration, program, β, state layout or twist (pass the same ``twist`` as when
-    saving)."""
+    written for another configuration, β, program, reward (weights included), state layout or twist (pass the
+    same ``twist`` as when saving). The tree comes back stamped with this setup (``Tree.setup``), so that
+    :func:`pplalign.dts` refuses to grow it on under another."""
     with np.load(path, allow_pickle=False) as data:
         saved = json.loads(str(data["fingerprint"]))
         capacity = int(saved.get("capacity", -1))
@@ -91,7 +65,8 @@ def load_tree(path: str, config: DTSConfig, target: Any, twist: Any = None) -> t
         fields = {
             name: jnp.asarray(data[name]) if name in data.files else jnp.zeros((capacity,), jnp.float32)
             for name in Tree._fields
-            if name != "states"
+            if name not in ("states", "setup")
         }
         key = jnp.asarray(data["key"])
-    return Tree(states=states, **fields), key
+    setup = jnp.asarray(setup_stamp(setup_components(config, target, twist)))  # verified equal just above
+    return Tree(states=states, setup=setup, **fields), key

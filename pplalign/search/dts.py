@@ -73,9 +73,11 @@ import numpy as np
 
 from .._filter_jit import filter_jit
 from .._numerics import sanitize_log as _sanitize
-from ..particles import Particles
+from .._validation import check_count, check_distribution, check_key, refuse_traced
+from ..particles import Particles, mark_invalid_beta
 from ..programs import Tilted, is_sequential, validate_beta
 from . import tree as tree_lib
+from .fingerprint import check_setup, setup_components, setup_stamp
 from .tree import NO_NODE, ROOT, Tree
 
 __all__ = ["DTSConfig", "init", "step", "run", "sample_tree", "greedy_leaf", "dts", "nodes_needed", "check_stochastic"]
@@ -188,7 +190,7 @@ def _new_child(target: Tilted, twist, tree: Tree, node, level, key, config: DTSC
 
     def from_transition(_):
         t = level - 1
-        x = base.transition(parent_state, t).sample(key)
+        x = check_distribution(base.transition(parent_state, t), "transition").sample(key)
         return base.update(parent_state, x, t), jnp.asarray(1, jnp.int32)
 
     state, nfe = jax.lax.cond(level == 0, from_init, from_transition, None)
@@ -456,7 +458,7 @@ def _check_stochastic_impl(key, target, num_draws: int):
     state = base.init(key)
 
     def body(state, t):
-        d = base.transition(state, t)
+        d = check_distribution(base.transition(state, t), "transition")
         draws = jax.vmap(lambda k: d.sample(k))(jax.random.split(jax.random.fold_in(key, t), num_draws))
         flat = jnp.reshape(jnp.asarray(draws, jnp.float32), (num_draws, -1))
         varies = jnp.any(flat != flat[0])
@@ -534,7 +536,9 @@ def dts(
         with t = −1 (without a twist it is uniform selection without roulette, i.e. ``"consistent"``).
       widening_c, widening_alpha: progressive widening m_n < C·(N_n + 1)^α.
       uct_c: DTS*'s exploration constant.
-      tree: a tree from an earlier call (or :func:`pplalign.search.load_tree`) to continue.
+      tree: a tree from an earlier call (or :func:`pplalign.search.load_tree`) to continue. It must have been
+        grown under this setup — β, variant and config, program, reward and twist (``Tree.setup``, see
+        :mod:`pplalign.search.fingerprint`); another is refused with a ``ValueError`` naming what differs.
       on_full: ``"error"`` refuses, before running, a capacity that could run out (and raises after the run if
         the twisted variant's splits filled it); ``"stop"`` runs anyway and skips the iterations whose rollout
         would not fit (``tree.full`` tells).
@@ -544,25 +548,36 @@ def dts(
       (Particles, Tree). ``Particles.samples`` are ``num_samples`` draws (equal weights) from the tree; for
       DTS* one greedy sample. ``log_Z`` is the root's log Ŵ (β·log_Z estimates the optimal KL-regularised
       value); ``nfe`` is the tree's total transition count. Raises ``ValueError`` if a reward was NaN/+inf.
+      ``dts`` itself runs Python-side checks between compiled chunks and cannot be traced (``jit``/``vmap``
+      raise a ``ValueError``); compose :func:`run_loop` and :func:`sample_leaves` under your own jit instead.
     """
+    refuse_traced(
+        "pplalign.dts", "grow trees under your own jit with pplalign.search.run_loop and read them with "
+        "search.sample_leaves / particles_from_tree", key=key, target=target, twist=twist, tree=tree,
+    )
+    check_key(key)
     _check_target(target)
     config = DTSConfig(variant, bool(greedy), float(widening_c), float(widening_alpha), float(uct_c))
     config.validate()
-    if isinstance(num_iterations, bool) or not isinstance(num_iterations, (int, np.integer)) or num_iterations < 0:
-        raise ValueError(f"num_iterations must be an int >= 0; got {num_iterations!r}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
-        raise ValueError(f"num_samples must be an int >= 1; got {num_samples!r}")
+    # a new tree needs an iteration to hold any sample; a resumed one may just be sampled again
+    num_iterations = check_count(num_iterations, "num_iterations", 1 if tree is None else 0)
+    num_samples = check_count(num_samples, "num_samples")
     if on_full not in ("error", "stop"):
         raise ValueError(f"on_full must be 'error' or 'stop'; got {on_full!r}")
     num_steps = target.num_steps
+    components = setup_components(config, target, twist)
     if tree is None:
         check_stochastic(target, key)
-        cap = nodes_needed(num_steps, int(num_iterations)) if capacity is None else capacity
-        if isinstance(cap, bool) or not isinstance(cap, (int, np.integer)) or cap < num_steps + 2:
-            raise ValueError(f"capacity must be an int >= T + 2 = {num_steps + 2} (the root and one rollout); got {cap!r}")
-        tree = init(target, int(cap))
+        cap = nodes_needed(num_steps, num_iterations) if capacity is None else capacity
+        try:
+            cap = check_count(cap, "capacity", num_steps + 2)
+        except ValueError:
+            raise ValueError(f"capacity must be an int >= T + 2 = {num_steps + 2} (the root and one rollout); got {cap!r}") from None
+        tree = init(target, cap)._replace(setup=jnp.asarray(setup_stamp(components)))
     else:
         _check_resumable(tree, target)
+        check_setup(tree, components)
+        tree = tree._replace(setup=jnp.asarray(setup_stamp(components)))
     need = int(tree.num_nodes) + int(num_iterations) * (num_steps + 1)
     if on_full == "error" and need > tree.capacity:
         raise ValueError(
@@ -577,8 +592,9 @@ def dts(
             "splits nodes (up to 64·(T + 1) new nodes per iteration); raise capacity, or pass on_full='stop'"
         )
     if bool(tree.nonfinite):
-        name = getattr(target.reward, "__qualname__", None) or type(target.reward).__name__
-        raise ValueError(f"reward {name!r} (or the twist) returned NaN or +inf during the tree search; rewards must be finite or -inf")
+        name = lambda obj: getattr(obj, "__qualname__", None) or type(obj).__name__
+        culprit = f"reward {name(target.reward)!r}" + ("" if twist is None else f" or twist {name(twist)!r}")
+        raise ValueError(f"{culprit} returned NaN or +inf during the tree search; rewards and twists must be finite or -inf")
     particles = particles_from_tree(jax.random.split(key)[1], tree, target, num_samples, config.greedy)
     return particles, tree
 
@@ -613,7 +629,7 @@ def particles_from_tree(key, tree: Tree, target: Tilted, num_samples: int, greed
     n = leaves.shape[0]
     samples = leaf_outputs(target, tree, leaves)
     log_z = tree.log_value[ROOT]
-    return Particles(
+    particles = Particles(
         samples=samples,
         log_weights=jnp.zeros((n,), jnp.float32),
         log_Z=log_z,
@@ -623,6 +639,7 @@ def particles_from_tree(key, tree: Tree, target: Tilted, num_samples: int, greed
         nonfinite_reward=tree.nonfinite,
         all_zero=~jnp.isfinite(log_z),
     )
+    return mark_invalid_beta(particles, target.beta)
 
 
 def _check_resumable(tree: Tree, target: Tilted) -> None:

@@ -23,6 +23,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .fingerprint import COMPONENTS
+
 __all__ = ["Tree", "empty", "add_child", "children_logsumexp", "select_child", "gumbel_over_children", "NO_NODE", "ROOT"]
 
 NO_NODE = -1
@@ -49,6 +51,8 @@ class Tree(NamedTuple):
     nfe:          [] int32 transition evaluations spent building the tree.
     nonfinite:    [] bool, some reward (or twist) was NaN or +inf (its leaf was given value −inf).
     full:         [] bool, an iteration was skipped because the next rollout would not fit.
+    setup:        [6, 2] uint32 digests of what defines the target and the algorithm (β, config, program,
+                  reward, twist, state layout; :mod:`.fingerprint`), set by ``dts``; zeros: not stamped.
     """
 
     states: Any
@@ -67,6 +71,7 @@ class Tree(NamedTuple):
     nfe: jax.Array
     nonfinite: jax.Array
     full: jax.Array
+    setup: jax.Array
 
     @property
     def capacity(self) -> int:
@@ -98,6 +103,7 @@ def empty(capacity: int, state_template: Any) -> Tree:
         nfe=jnp.asarray(0, jnp.int32),
         nonfinite=jnp.asarray(False),
         full=jnp.asarray(False),
+        setup=jnp.zeros((len(COMPONENTS), 2), jnp.uint32),
     )
 
 
