@@ -33,8 +33,8 @@ import jax.numpy as jnp
 from ._filter_jit import filter_jit
 from ._numerics import log_mean_exp_safe as log_mean_exp
 from ._numerics import sanitize_log as _sanitize
-from .distributed import check_mesh, constrain_particles
 from ._validation import check_count, check_key
+from .distributed import check_mesh, constrain_particles
 from .particles import Particles, mark_invalid_beta, raise_on_nonfinite
 from .programs import safe_beta, validate_beta
 

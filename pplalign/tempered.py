@@ -46,8 +46,8 @@ from . import resampling as resampling_lib
 from ._filter_jit import filter_jit
 from ._numerics import log_mean_exp_safe as _lme
 from ._numerics import logsumexp_safe as _logsumexp
-from .distributed import constrain_particles
 from ._validation import check_count, check_fraction
+from .distributed import constrain_particles
 from .particles import Particles, mark_invalid_beta, raise_on_nonfinite
 from .static import StaticTilted, check_static_inputs
 
