@@ -252,4 +252,4 @@ def assign(module: Any, params: dict[tuple, Any]) -> None:
         node = module
         for part in path[:-1]:
             node = node[part] if isinstance(part, int) else getattr(node, part)
-        getattr(node, path[-1]).value = value
+        getattr(node, path[-1]).set_value(value)
