@@ -678,7 +678,7 @@ def make_all():
 
 
 # --------------------------------------------------------------------------------------------------- export check
-def export_check(model_dir, ids_path=None, out_path=None):
+def export_check(model_dir, ids_path=None, out_path=None, extra_texts=None):
     """transformers' view of a directory exported by models.hf.save_pretrained (or any causal-LM directory)."""
     torch.set_num_threads(1)
     model_dir = Path(model_dir)
@@ -697,11 +697,19 @@ def export_check(model_dir, ids_path=None, out_path=None):
         "input_ids": input_ids.astype(np.int32),
         "logits": logits.numpy().astype(np.float32),
         "hidden": hidden.numpy().astype(np.float32),
-        "texts": np.array(TOKENIZER_TEXTS),
     }
-    for i, text in enumerate(TOKENIZER_TEXTS):
-        arrays[f"text_ids_{i}"] = np.array(tok(text)["input_ids"], dtype=np.int32)
-        arrays[f"text_ids_no_special_{i}"] = np.array(tok(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
+    texts = list(TOKENIZER_TEXTS) + [t for t in (extra_texts or [])]
+    kept = []
+    for text in texts:
+        try:  # a closed word-level vocabulary (the in-house story LM) cannot encode every fixture text
+            with_special, without = tok(text)["input_ids"], tok(text, add_special_tokens=False)["input_ids"]
+        except Exception:
+            continue
+        i = len(kept)
+        kept.append(text)
+        arrays[f"text_ids_{i}"] = np.array(with_special, dtype=np.int32)
+        arrays[f"text_ids_no_special_{i}"] = np.array(without, dtype=np.int32)
+    arrays["texts"] = np.array(kept)
     prompt_ids = torch.from_numpy(input_ids[0, : max(1, input_ids.shape[1] // 2)])
     max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if max_pos is None or len(prompt_ids) + N_NEW <= max_pos:
@@ -724,9 +732,10 @@ def main(argv=None):
     ap.add_argument("--export-check", metavar="DIR", help="record transformers' outputs for an exported model dir")
     ap.add_argument("--ids", help="with --export-check: .npy, or .npz with input_ids, of token ids [B, S]")
     ap.add_argument("--out", help="with --export-check: output file (default DIR/transformers_reference.npz)")
+    ap.add_argument("--text", action="append", help="with --export-check: a further text to tokenize (repeatable)")
     args = ap.parse_args(argv)
     if args.export_check:
-        export_check(args.export_check, args.ids, args.out)
+        export_check(args.export_check, args.ids, args.out, args.text)
     else:
         make_all()
 

@@ -200,3 +200,24 @@ def test_prompt_caches_mask_comes_from_lengths(loaded):
     ids[2] = tok.pad_id
     cache = prompt_caches(model, [ids, ids[:3]], pad_to=8, pad_id=tok.pad_id)
     np.testing.assert_array_equal(np.asarray(cache.mask), [[1] * 6 + [0] * 2, [1] * 3 + [0] * 5])
+
+
+# --- the shipped story LM in Hugging Face format ----------------------------------------------------------------
+def test_shipped_story_lm_is_what_transformers_loads():
+    """models/checkpoints/lm_stories_hf (written by ``python -m models.hf.export lm_stories ...``), as loaded by
+    transformers' AutoModelForCausalLM/AutoTokenizer (tests/fixtures/lm_stories_hf_transformers.npz), by
+    load_pretrained, and the in-house checkpoint it came from: one model."""
+    from models.lm.checkpoint import checkpoint_path, load_model
+
+    ref = np.load(Path(__file__).parent / "fixtures" / "lm_stories_hf_transformers.npz")
+    model, tok = load_pretrained(checkpoint_path("lm_stories_hf"))
+    logits, hidden = model(jnp.asarray(ref["input_ids"]))
+    np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=LOGIT_TOL)
+    np.testing.assert_allclose(np.asarray(hidden), ref["hidden"], atol=LOGIT_TOL)
+    inhouse, itok = load_model("lm_stories")
+    np.testing.assert_allclose(np.asarray(inhouse(jnp.asarray(ref["input_ids"]))[0]), ref["logits"], atol=LOGIT_TOL)
+    for i, text in enumerate(ref["texts"]):
+        assert tok.encode(str(text)) == list(ref[f"text_ids_{i}"]) == itok.encode(str(text))
+    program = LMProgram.from_prompt(model, list(ref["prompt_ids"]), len(ref["greedy_ids"]), tokenizer=tok)
+    tokens, _ = ancestral_sample(jax.random.key(0), program, 1, greedy=True)
+    np.testing.assert_array_equal(np.asarray(tokens[0]), ref["greedy_ids"])

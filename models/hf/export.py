@@ -136,3 +136,30 @@ def save_pretrained(model: Any, tokenizer: Any, directory: str | Path, *, tolera
     tok.save(directory)
     jax.block_until_ready(0)
     return directory
+
+
+def main(argv=None) -> None:
+    """``python -m models.hf.export lm_stories models/checkpoints/lm_stories_hf``: export a shipped (or any
+    in-house) checkpoint and check that the written checkpoint gives the same logits."""
+    import argparse
+
+    import jax.numpy as jnp
+
+    from models.lm.checkpoint import load_model
+
+    from .pretrained import load_pretrained
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("checkpoint", help="an in-house checkpoint directory or shipped name (lm_stories)")
+    parser.add_argument("out", help="the Hugging Face model directory to write")
+    args = parser.parse_args(argv)
+    model, tok = load_model(args.checkpoint)
+    save_pretrained(model, tok, args.out)
+    loaded, _ = load_pretrained(args.out)
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, model.cfg.vocab_size, (4, model.cfg.max_len)))
+    err = float(jnp.max(jnp.abs(loaded(ids)[0] - model(ids)[0])))
+    print(json.dumps({"out": str(args.out), "max_logit_error": err}))
+
+
+if __name__ == "__main__":
+    main()
