@@ -28,11 +28,10 @@ __all__ = ["csmc", "check_reference"]
 _compiled = filter_jit(run_smc)
 
 
-def _reference_log_probs(key, target, reference):
+def _reference_log_probs(key, base, num_steps: int, reference):
     """log p₀(x_t^ref | x_{<t}^ref) and whether x_t^ref lies in the support of step t, for every t: one
     pass of the reference path through the program (T transitions, one particle). Raises, while tracing,
     a ValueError for a step whose draws have another dtype kind or shape than the reference's values."""
-    base = target.base
 
     def body(state, t):
         ref_t = jax.tree_util.tree_map(lambda r: r[t], reference)
@@ -51,7 +50,7 @@ def _reference_log_probs(key, target, reference):
             in_support = jnp.asarray(True)
         return base.update(state, ref_t, t), (in_support, jnp.sum(d.log_prob(ref_t)))
 
-    _, (in_support, log_p) = jax.lax.scan(body, base.init(key), jnp.arange(target.num_steps))
+    _, (in_support, log_p) = jax.lax.scan(body, base.init(key), jnp.arange(num_steps))
     return in_support, log_p
 
 
@@ -62,12 +61,13 @@ def check_reference(key, target: Any, reference: Any) -> None:
     """Raise ``ValueError`` unless ``reference`` is a path the program can draw: leading axis T on every
     leaf, each step's values of the dtype kind and shape the step draws, inside the step's support (a
     Categorical over K values needs integers in [0, K)) and of positive prior probability, log p₀ > −inf.
-    The value checks run when the reference is concrete (not under the caller's jit)."""
+    The value checks run when the reference, the key and the program are concrete (not traced by the
+    caller's jit/vmap); the dtype and shape checks always."""
     steps = target.num_steps
     for leaf in jax.tree_util.tree_leaves(reference):
         if jnp.shape(leaf)[:1] != (steps,):
             raise ValueError(f"reference leaves need leading axis T={steps}; got shape {jnp.shape(leaf)}")
-    in_support, log_p = _reference_log_probs_jit(key, target, reference)
+    in_support, log_p = _reference_log_probs_jit(key, target.base, steps, reference)  # β plays no part
     if isinstance(log_p, jax.core.Tracer):
         return
     in_support, log_p = np.asarray(in_support), np.asarray(log_p)

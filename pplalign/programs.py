@@ -82,7 +82,7 @@ def validate_beta(beta: Any) -> None:
         value = float(arr)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"beta must be finite and > 0 (the KL coefficient); got {value}")
-    if not _F32.tiny <= value <= _F32.max:
+    if not float(_F32.tiny) <= value <= float(_F32.max):
         raise ValueError(
             f"beta = {value:g} is outside the normal float32 range [{_F32.tiny:.3g}, {_F32.max:.3g}] in which the "
             "samplers compute r/beta; rescale the reward instead"
