@@ -33,15 +33,12 @@ gpu_args() {
 
 "$PY" -c "import jax; print('jax', jax.__version__, 'backend', jax.default_backend(), jax.devices())" || exit 1
 declare -a ROWS=()
-for file in benchmarks/*.py; do
-  [[ -e "$file" ]] || continue
-  name="$(basename "$file" .py)"
-  [[ "$name" == _* ]] && continue
-  args="$(gpu_args "$name")"
-  echo "=== $name $args"
-  start=$SECONDS
-  # shellcheck disable=SC2086
-  timeout "$TIMEOUT" "$PY" -m "benchmarks.$name" $args > "$DEST/$name.log" 2>&1
+# run_bench LABEL MODULE ARGS...: run benchmarks.MODULE, keep its last JSON line, add a table row
+run_bench() {
+  local name="$1" module="$2"; shift 2
+  echo "=== $name $*"
+  local start=$SECONDS rc secs last status
+  timeout "$TIMEOUT" "$PY" -m "benchmarks.$module" "$@" > "$DEST/$name.log" 2>&1
   rc=$?
   secs=$((SECONDS - start))
   tail -n 3 "$DEST/$name.log"
@@ -53,7 +50,20 @@ for file in benchmarks/*.py; do
   else status="failed(rc=$rc)"; last="{}"
   fi
   ROWS+=("$name|$status|$secs|$last")
+}
+
+for file in benchmarks/*.py; do
+  [[ -e "$file" ]] || continue
+  name="$(basename "$file" .py)"
+  [[ "$name" == _* ]] && continue
+  # shellcheck disable=SC2046
+  run_bench "$name" "$name" $(gpu_args "$name")
 done
+
+# Extra rows: a benchmark again at another setting. A real architecture with random weights (issue 11):
+# Llama-3.2-1B's shape in bfloat16, N = 64, T = 256.
+[[ -e benchmarks/lm_smc_overhead.py ]] && run_bench lm_smc_overhead_llama1b lm_smc_overhead \
+  --random-config llama-1b --dtype bfloat16 --num-particles 64 --steps 256 --repeats 3
 
 echo
 "$PY" - "${ROWS[@]}" <<'PY'

@@ -18,6 +18,12 @@ use CPU time on the CPU backend and wall time on accelerators. Prints one JSON l
 
     python -m benchmarks.lm_smc_overhead            # d_model 256, 4 layers, N=256, T=64
     python -m benchmarks.lm_smc_overhead --quick    # a small configuration
+    python -m benchmarks.lm_smc_overhead --random-config gpt2-small --num-particles 32 --steps 32
+    python -m benchmarks.lm_smc_overhead --hf PATH/TO/HF_MODEL_DIR --dtype bfloat16
+
+``--hf`` loads a Hugging Face model directory (``models.hf.load_pretrained``); ``--random-config`` builds a real
+architecture with random weights and no download: ``gpt2-small`` (124M) or ``llama-1b`` (Llama-3.2-1B's shape:
+GQA 32/8 heads, llama3 RoPE scaling, tied 128256-token embedding).
 """
 
 from __future__ import annotations
@@ -26,6 +32,36 @@ import argparse
 import json
 import os
 import time
+
+
+# Published shapes (config.json of gpt2 and meta-llama/Llama-3.2-1B), for speed without a download.
+RANDOM_CONFIGS = {
+    "gpt2-small": dict(model_type="gpt2", vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024),
+    "llama-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=64, intermediate_size=8192,
+                     max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                     rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+                                   "rope_theta": 500000.0}),
+}
+
+
+def build_model(args, nnx):
+    """(model, vocab size, ids never to draw) for the in-house transformer, a loaded or a random HF model."""
+    if args.hf or args.random_config:
+        from models.hf import Decoder, config_from_hf, load_pretrained
+        from models.hf.pretrained import DTYPES
+
+        if args.hf:
+            model, tok = load_pretrained(args.hf, dtype=args.dtype)
+            return model, model.cfg.vocab_size, sorted(set(tok.eos_ids))
+        cfg = config_from_hf(RANDOM_CONFIGS[args.random_config])
+        model = Decoder(cfg, dtype=DTYPES[args.dtype], rngs=nnx.Rngs(0))
+        return model, cfg.vocab_size, [2]
+    from models.lm.transformer import LMConfig, Transformer
+
+    cfg = LMConfig(args.vocab, args.d_model, args.layers, args.heads, 4 * args.d_model, 8 + args.steps)
+    return Transformer(cfg, rngs=nnx.Rngs(0)), args.vocab, [2]
 
 
 def parse(argv=None):
@@ -43,6 +79,9 @@ def parse(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="XLA CPU threads (0: XLA's default)")
     ap.add_argument("--naive", action="store_true", help="also time the naive whole-cache gather")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--hf", metavar="PATH", help="a Hugging Face model directory (or cached hub name) to steer")
+    ap.add_argument("--random-config", choices=sorted(RANDOM_CONFIGS), help="a real architecture, random weights")
+    ap.add_argument("--dtype", default="float32", help="weights' dtype for --hf / --random-config")
     args = ap.parse_args(argv)
     if args.quick:
         args.num_particles, args.steps, args.d_model, args.layers, args.repeats = 32, 16, 64, 2, 2
@@ -63,24 +102,23 @@ def main(argv=None):
     import pplalign
     from models.lm.potentials import TokenScores
     from models.lm.program import LMProgram, stay_in_place
-    from models.lm.transformer import LMConfig, Transformer
     from models.lm.twist_head import HeadTwist, TwistHead
     from pplalign.ancestral import ancestral_sample
 
     n = args.num_particles
     prompt_len = 8
-    cfg = LMConfig(args.vocab, args.d_model, args.layers, args.heads, 4 * args.d_model, prompt_len + args.steps)
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
-    prompt = [1] + [int(i) for i in np.random.default_rng(0).integers(3, args.vocab, prompt_len - 1)]
+    model, vocab, ends = build_model(args, nnx)
+    d_model = model.cfg.d_model
+    prompt = [1] + [int(i) for i in np.random.default_rng(0).integers(3, vocab, prompt_len - 1)]
 
-    def build(cache_dtype, mode):  # <eos> banned: every particle runs all T steps
+    def build(cache_dtype, mode):  # the end tokens banned: every particle runs all T steps
         return LMProgram.from_prompt(model, prompt, args.steps, cache_dtype=jnp.dtype(cache_dtype),
-                                     bucket=args.bucket, reorder_mode=mode, banned=[2])
+                                     bucket=args.bucket, reorder_mode=mode, banned=ends)
 
     program = build(args.cache_dtype, "inplace")
-    scores = TokenScores(jax.random.normal(jax.random.key(1), (args.vocab,)))
+    scores = TokenScores(jax.random.normal(jax.random.key(1), (vocab,)))
     target = pplalign.tilt(program, scores, 1.0)
-    head = TwistHead(args.d_model, args.vocab, rngs=nnx.Rngs(2))
+    head = TwistHead(d_model, vocab, rngs=nnx.Rngs(2))
     head.out.kernel[...] = 0.05 * jax.random.normal(jax.random.key(3), head.out.kernel[...].shape)
     twist = HeadTwist(head)
     resampler = stay_in_place(pplalign.systematic)
@@ -127,9 +165,11 @@ def main(argv=None):
         "cpu_seconds": cpu_med,
         "wall_seconds": wall_med,
         "resampling_steps": resamples,
-        "config": dict(num_particles=n, steps=args.steps, d_model=args.d_model, layers=args.layers, vocab=args.vocab,
+        "config": dict(num_particles=n, steps=args.steps, d_model=d_model, layers=model.cfg.num_layers, vocab=vocab,
+                       model=args.hf or args.random_config or "in-house", dtype=args.dtype,
                        cache_dtype=args.cache_dtype, bucket=args.bucket, repeats=args.repeats, threads=args.threads,
                        backend=jax.default_backend()),
+        "tokens_per_second": {k: n * args.steps / wall_med[k] for k in ("plain", "adaptive", "every_step", "twisted")},
     }
     if args.naive:
         result["naive_ratios"] = {k: ratio(head_t, f"naive_{k}", "naive_plain") for k in ("adaptive", "every_step")}
