@@ -3,7 +3,9 @@
 Tolerance from the sample size: for R independent gradient estimates projected on a fixed direction u,
 the mean of g·u has standard error s/√R; we require |mean − exact| ≤ 5·se on each of 4 random directions
 (Gaussian tail: a false alarm has probability ~ 6e-7 per check). The same check rejects a deliberately biased
-estimator (the pathwise gradient of stop-gradient samples), so it can fail.
+estimator (the pathwise gradient of stop-gradient samples), so it can fail. A 5-se gate is wider than a
+(1 − 1/n) bias at n = 8, so the batch-mean baseline's n/(n−1) factor is checked exactly (against leave-one-out)
+and at n = 2, where the bias is half the gradient and the test states its own power.
 """
 
 import jax
@@ -50,6 +52,32 @@ def test_elbo_gradient_unbiased(small, name):
     exact = _exact(vi.elbo(family, target, estimator="enum"), theta, dirs)
     mean, se = _projected(vi.elbo(family, target, num_samples=N, estimator=name), theta, dirs)
     assert np.all(np.abs(mean - exact) <= 5 * se + 1e-6), (name, mean, exact, se)
+
+
+def test_reinforce_mean_equals_leave_one_out(small):
+    """n/(n−1)·(f_i − mean f) = f_i − Σ_{j≠i} f_j/(n−1) exactly (Kool et al. 2019, eq. 9): with the same draws
+    the batch-mean estimator and leave-one-out give the same gradient to float precision. Without its n/(n−1)
+    factor the mean baseline's score term shrinks by (1 − 1/n) (12.5 % at n = 8), far above float error."""
+    _, target, family, theta, _ = small
+    grad = lambda name: jax.jit(jax.vmap(lambda k: jax.grad(lambda p: vi.elbo(family, target, num_samples=N, estimator=name)(p, k)[0])(theta)))(
+        jax.random.split(jax.random.key(7), 16)
+    )
+    mean_b, loo = np.asarray(grad("reinforce_mean")), np.asarray(grad("reinforce_loo"))
+    scale = np.max(np.abs(loo))
+    assert scale > 1e-2
+    np.testing.assert_allclose(mean_b, loo, rtol=0, atol=1e-4 * scale)
+
+
+def test_reinforce_mean_unbiased_at_two_samples(small):
+    """At n = 2 a missing n/(n−1) halves the score term, so the unbiasedness gate resolves it: for the ELBO,
+    E[∇f] = −E[∇ log q] = 0 and the whole gradient is the score term, so the biased mean would be exact/2.
+    Gate: |mean − exact| ≤ 5·se (se = sd/√REPS of the projected gradient); power: |exact|/2 > 10·se on some
+    direction (checked below; ≈ 14 se with 16·REPS draws), so a halved gradient lies ≥ 5 se outside the gate."""
+    _, target, family, theta, dirs = small
+    exact = _exact(vi.elbo(family, target, estimator="enum"), theta, dirs)
+    mean, se = _projected(vi.elbo(family, target, num_samples=2, estimator="reinforce_mean"), theta, dirs, reps=16 * REPS)
+    assert np.all(np.abs(mean - exact) <= 5 * se + 1e-6), (mean, exact, se)
+    assert np.any(np.abs(exact) / 2 > 10 * se), (exact, se)
 
 
 def test_kl_rl_gradient_unbiased_and_biased_estimator_caught(small):
