@@ -83,6 +83,7 @@ magnitudes = st.sampled_from([0.0, 1.0, 1e-30, 1e3, 1e30, 3e38])
 betas = st.sampled_from([1.0, 0.5, 1e-3, 1e-30, 1e30, 1e-37, 0.0, -1.0, np.inf, -np.inf, np.nan, 1e-40, 1e39])
 counts = st.sampled_from([1, 4, np.int64(4), 0, -1, 2.5, True, None])
 thresholds = st.sampled_from([0.0, 0.5, 1.0, np.float32(0.5), "array", -0.1, 1.5, np.nan])
+ARGUMENTS = dict(beta=betas, n=counts, threshold=thresholds)  # what every untraced property draws
 
 
 @st.composite
@@ -149,9 +150,7 @@ SEQUENTIAL = {
 @SETTINGS
 @given(
     name=st.sampled_from(sorted(SEQUENTIAL)),
-    beta=betas,
-    n=counts,
-    threshold=thresholds,
+    **ARGUMENTS,
     reward=tables((V**T,)),
     twist=st.one_of(st.none(), tables((T, V))),
 )
@@ -228,9 +227,7 @@ STATIC = {
 @SETTINGS
 @given(
     name=st.sampled_from(sorted(STATIC)),
-    beta=betas,
-    n=counts,
-    threshold=thresholds,
+    **ARGUMENTS,
     a=magnitudes,
     b=st.sampled_from([0.0, -1e30, 1e30] + SPECIALS),
     twist_scale=st.sampled_from([None, 1.0, 1e30, np.nan, np.inf]),
