@@ -271,15 +271,19 @@ def special_ids(tokenizer: Any = None) -> tuple[list[int], int, Optional[int]]:
 
 def vmap_prompts(fn: Callable[[jax.Array, LMProgram], Any], program: LMProgram, prompts: PromptCache, key: jax.Array):
     """Run ``fn(key, program_for_prompt_b)`` for every prompt of a batched :class:`PromptCache`, in one
-    compiled ``vmap`` (the network weights are shared, not copied). ``fn`` may call ``pplalign.smc`` etc."""
-    num = prompts.length.shape[0]
-    keys = jax.random.split(key, num)
+    compiled ``vmap`` (the network weights are shared, not copied). ``fn`` may call ``pplalign.smc`` etc.
 
-    @jax.jit
-    def run(keys, prompts, program):
-        return jax.vmap(lambda k, pc: fn(k, dataclasses.replace(program, prompt=pc)))(keys, prompts)
+    The compiled call is keyed on ``fn`` itself: pass the same function object again (not a new lambda) and
+    new keys, prompts or weights reuse it."""
+    keys = jax.random.split(key, prompts.length.shape[0])
+    return _vmap_prompts_jit(fn, keys, prompts, program)
 
-    return run(keys, prompts, program)
+
+def _vmap_prompts_impl(fn, keys, prompts, program):
+    return jax.vmap(lambda k, pc: fn(k, dataclasses.replace(program, prompt=pc)))(keys, prompts)
+
+
+_vmap_prompts_jit = jax.jit(_vmap_prompts_impl, static_argnums=0)
 
 
 def ancestral_sample(key: jax.Array, program: Any, num: int, *, greedy: bool = False) -> tuple[jax.Array, jax.Array]:

@@ -68,10 +68,11 @@ class HeadTwist:
         return self.head.score(state.prev_hidden, jnp.maximum(state.last, 0))
 
 
-def head_arrays(model: Transformer, head: TwistHead, prompt: jax.Array, tokens: jax.Array):
+def head_arrays(model: Transformer, head: TwistHead, prompt: jax.Array, tokens: jax.Array, eos_ids=(EOS,)):
     """Arrays for ``pplalign.twists`` losses from one forward pass over prompt + continuation.
 
-    Args: prompt [P] ids (``<bos>`` first, no padding), tokens [B, T] continuations (``<pad>`` after ``<eos>``).
+    Args: prompt [P] ids (no padding), tokens [B, T] continuations (pad after an end token), eos_ids the end
+    tokens (``LMProgram.eos_ids``: a Hugging Face model's own).
     Returns: (log_psi [B, T], cand_log_psi [B, T, V], log_p0 [B, T, V], mask [B, T]); ``log_p0`` is
     stop-gradiented (the base model is frozen)."""
     b, steps = tokens.shape
@@ -83,13 +84,14 @@ def head_arrays(model: Transformer, head: TwistHead, prompt: jax.Array, tokens: 
     cand = head(h)
     log_psi = jnp.take_along_axis(cand, tokens[..., None], axis=-1)[..., 0]
     # step t exists if no <eos> was drawn before it
-    ended = jnp.cumsum(tokens == EOS, axis=1) - (tokens == EOS)
+    is_end = jnp.isin(tokens, jnp.asarray(eos_ids))
+    ended = jnp.cumsum(is_end, axis=1) - is_end
     mask = (ended == 0).astype(jnp.float32)
     return log_psi, cand, log_p0, mask
 
 
 def head_loss(method: str, model: Transformer, head: TwistHead, prompt: jax.Array, tokens: jax.Array,
-              log_phi: jax.Array) -> jax.Array:
+              log_phi: jax.Array, eos_ids=(EOS,)) -> jax.Array:
     """One twist-learning loss of ``pplalign.twists`` on a batch of p₀ samples ``tokens`` [B, T].
 
     σ-samples are the same p₀ samples self-normalised by exp(log φ) (importance weights p₀φ/p₀): CTL's
@@ -97,7 +99,7 @@ def head_loss(method: str, model: Transformer, head: TwistHead, prompt: jax.Arra
     ``method`` ∈ {"ctl", "sixo", "dpg", "soft_rl", "fudge"}."""
     from pplalign import twists
 
-    log_psi, cand, log_p0, mask = head_arrays(model, head, prompt, tokens)
+    log_psi, cand, log_p0, mask = head_arrays(model, head, prompt, tokens, eos_ids)
     if method == "ctl":
         return twists.ctl_loss(log_psi, log_psi, jnp.zeros_like(log_psi), pos_log_weights=log_phi, pos_mask=mask, neg_mask=mask)
     if method == "sixo":
@@ -144,7 +146,8 @@ def fit_head(key: jax.Array, program, head: TwistHead, reward, beta: float, *, m
         log_phi = jax.vmap(reward)(tokens) / beta
         if log_phi.shape != (batch,):
             raise ValueError(f"the reward must return a scalar per sequence; got shape {log_phi.shape[1:]}")
-        return head_loss(method, program.model, nnx.merge(graphdef, params), prompt, tokens, log_phi)
+        return head_loss(method, program.model, nnx.merge(graphdef, params), prompt, tokens, log_phi,
+                         program.eos_ids)
 
     params, losses = twists.fit(loss_fn, params, key, steps, optimizer=optax.adam(lr), checkpoint=checkpoint,
                                 checkpoint_every=checkpoint_every, progress=progress, description=f"twist head ({method})")
