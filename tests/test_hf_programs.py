@@ -99,3 +99,20 @@ def test_twist_head_trains_on_an_hf_model(setup):
     keep = p0 > 0
     cov = np.cov(learned[keep], exact[keep], aweights=p0[keep])
     assert cov[0, 1] / np.sqrt(cov[0, 0] * cov[1, 1]) > 0.5
+
+
+def test_rewards_use_the_programs_pad_token(setup):
+    """After an end token an HF program pads with its own pad id (399 here); a token-score reward built for the
+    program skips those pads, and the in-house reward models, which pad with 0, refuse such a program."""
+    from models.lm.checkpoint import load_model
+    from models.lm.potentials import TokenScores
+    from models.lm.rewards import ClassifierReward
+
+    model, tok, prompt, _, phi = setup
+    program = LMProgram.from_prompt(model, prompt, 3, tokenizer=tok)
+    scores = TokenScores.for_program(program, phi)
+    x = jnp.asarray([5, tok.eos_ids[0], tok.pad_id])
+    assert float(scores(x)) == pytest.approx(float(phi[5] + phi[tok.eos_ids[0]]))
+    clf, _ = load_model("lm_story_classifier")
+    with pytest.raises(ValueError, match="pads with 399"):
+        ClassifierReward.for_program(clf, program, head=(0, 3), label=2)

@@ -45,6 +45,13 @@ def place_after_prompt(prompt_tokens: jax.Array, prompt_len: jax.Array, tokens: 
     return jax.lax.dynamic_update_slice(seq, jnp.asarray(tokens, jnp.int32), (prompt_len,))
 
 
+def _check_in_house_vocabulary(program: LMProgram, what: str) -> None:
+    """The in-house reward models read prompt + x with the in-house <pad>; refuse programs padded otherwise."""
+    if program.pad_id != PAD:
+        raise ValueError(f"{what} is trained on the in-house vocabulary (pad id {PAD}); this program pads with "
+                         f"{program.pad_id}: use a reward built for that model's tokenizer")
+
+
 def _check_classifier(model: Transformer, start: int, size: int, what: str, num_tokens: int) -> None:
     if not isinstance(model, Transformer):
         raise ValueError(f"{what} needs a models.lm Transformer classifier; got {type(model).__name__}")
@@ -74,6 +81,7 @@ class ClassifierReward:
     @classmethod
     def for_program(cls, model: Transformer, program: LMProgram, *, head: tuple[int, int], label: int) -> "ClassifierReward":
         start, size = head
+        _check_in_house_vocabulary(program, "ClassifierReward")
         _check_classifier(model, start, size, "ClassifierReward", program.prompt.tokens.shape[0] + program.num_steps)
         if model.cfg.vocab_size != program.vocab_size:
             raise ValueError(f"classifier vocabulary ({model.cfg.vocab_size}) differs from the LM's ({program.vocab_size})")
@@ -197,6 +205,7 @@ class ProcessRewardModel:
 
     @classmethod
     def for_program(cls, model: Transformer, program: LMProgram) -> "ProcessRewardModel":
+        _check_in_house_vocabulary(program, "ProcessRewardModel")
         if not isinstance(model, Transformer):
             raise ValueError(f"ProcessRewardModel needs a models.lm Transformer; got {type(model).__name__}")
         if model.num_outputs not in (2, program.vocab_size) or model.cfg.vocab_size != program.vocab_size:
