@@ -169,6 +169,17 @@ def test_export_round_trip_same_logits(tmp_path):
     np.testing.assert_allclose(np.asarray(p1.init(None).logits), np.asarray(p2.init(None).logits), atol=1e-5)
 
 
+def test_export_of_the_shipped_arithmetic_lm(tmp_path):
+    from models.lm.checkpoint import load_model
+
+    model, tok = load_model("lm_arithmetic")
+    save_pretrained(model, tok, tmp_path)
+    loaded, htok = load_pretrained(tmp_path)
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, model.cfg.vocab_size, (2, model.cfg.max_len)))
+    np.testing.assert_allclose(np.asarray(loaded(ids)[0]), np.asarray(model(ids)[0]), atol=1e-4)
+    assert htok.vocab_size == tok.vocab_size
+
+
 def test_export_refuses_what_it_cannot_write(tmp_path):
     from models.lm.tokenizer import Tokenizer
 
