@@ -239,15 +239,29 @@ def test_twisted_dts_root_value_is_unbiased_and_backup_exact(target):
             mass[code_of(nr.states[0][k, leaf])] += math.exp(lw)
     post, _ = exact_posterior()
     assert 0.5 * np.abs(mass / mass.sum() - post).sum() < 0.05, 0.5 * np.abs(mass / mass.sum() - post).sum()
-    one = jax.tree_util.tree_map(lambda a: np.asarray(a[0]), runs)
-    n = int(one.num_nodes)
-    for node in range(1, n):
-        kids = np.nonzero(one.parent[:n] == node)[0]
-        if one.log_survival[node] == -np.inf:
-            assert kids.size == 0 and one.log_value[node] == -np.inf
-        elif one.level[node] <= T:
-            expect = np.logaddexp.reduce(one.log_value[kids]) - math.log(len(kids)) - one.log_survival[node]
-            assert one.log_value[node] == expect if expect == -np.inf else abs(one.log_value[node] - expect) < 1e-5
+    # the backup, on every node of every tree: log Ŵ_n = log Σ_c Ŵ_c − log m_n − log p_n. Nodes revisited by a
+    # later iteration (visits ≥ 2) with p_n < 1 are recomputed by the path backup, not only by the rollout that
+    # created them: the check reaches that branch (asserted), where forgetting 1/p_n would go unnoticed by one tree
+    revisited_thinned = 0
+    for k in range(w.size):
+        n = int(nr.num_nodes[k])
+        parent, value, surv = nr.parent[k, :n], nr.log_value[k, :n].astype(np.float64), nr.log_survival[k, :n]
+        level, kids = nr.level[k, :n], nr.num_children[k, :n]
+        dead = surv == -np.inf
+        assert np.all(kids[dead] == 0) and np.all(value[dead] == -np.inf)
+        top = np.full(n, -np.inf)
+        np.maximum.at(top, parent[1:], value[1:])
+        shift = np.where(np.isfinite(top), top, 0.0)
+        total = np.zeros(n)
+        np.add.at(total, parent[1:], np.exp(value[1:] - shift[parent[1:]]))
+        internal = (level <= T) & ~dead & (np.arange(n) > 0)
+        with np.errstate(divide="ignore"):
+            expect = np.log(total) + shift - np.log(np.maximum(kids, 1)) - surv
+        got = value[internal]
+        np.testing.assert_allclose(np.where(np.isfinite(got), got, 0.0), np.where(np.isfinite(expect[internal]), expect[internal], 0.0), atol=1e-4)
+        assert np.array_equal(np.isfinite(got), np.isfinite(expect[internal]))
+        revisited_thinned += int(np.sum(internal & (nr.visits[k, :n] >= 2) & (surv < 0)))
+    assert revisited_thinned > 0
 
 
 def test_greedy_dts_star_finds_the_best_sequence(target):

@@ -51,4 +51,12 @@ def test_dts_anytime_quick_resumes_exactly(tmp_path):
     assert summary["resume_identical"] is True
     assert summary["variant"] == "twisted_gp" and summary["pilot_nfe"] == 32 * 10  # the pilot is counted
     assert math.isfinite(summary["final_energy"])
+    saved = json.loads((tmp_path / "dts_anytime.json").read_text())
+    n_eval, final = saved["n_eval"], saved["rows"][-1]
+    # the same gates as dts_gmm's (see above), at n_eval = 300 draws from the final tree (320 iterations):
+    # E‖x − c‖² within 5 se = 5·0.865/√n_eval of σ's (measured bias 0.03), the two modes' masses of ½ within
+    # 5 binomial se = 5·√(¼/n_eval) (measured mode TV 0.05), and the energy distance below 10 floors (measured 2.7)
+    assert abs(summary["final_sq_bias"]) < 5 * 0.865 / math.sqrt(n_eval), summary
+    assert final["mode_tv"] < 5 * math.sqrt(0.25 / n_eval), final
+    assert summary["final_floor_ratio"] < 10, summary
     assert os.path.exists(tmp_path / "tree.npz") and os.path.exists(tmp_path / "dts_anytime.png")
