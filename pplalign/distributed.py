@@ -62,6 +62,9 @@ class Cluster(NamedTuple):
         )
 
 
+_joined = False  # initialize() has run in this process (joined, or alone)
+
+
 def initialize(
     coordinator_address: Optional[str] = None,
     num_processes: Optional[int] = None,
@@ -84,8 +87,9 @@ def initialize(
     Returns a :class:`Cluster` (``mesh`` over ``jax.devices()`` — every device of every process — and the
     counts); process 0 prints its one-line :meth:`Cluster.describe` when ``verbose``.
     """
+    global _joined
     explicit = any(v is not None for v in (coordinator_address, num_processes, process_id))
-    if num_processes != 1 and not jax.distributed.is_initialized():
+    if num_processes != 1 and not _joined and not jax.distributed.is_initialized():
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
         try:
             jax.distributed.initialize(coordinator_address, num_processes, process_id, **jax_kwargs)
@@ -95,6 +99,7 @@ def initialize(
             # JAX's auto-detection found no cluster (its first check is the coordinator address): run alone
             if explicit or os.environ.get("JAX_COORDINATOR_ADDRESS") or "coordinator_address" not in str(e):
                 raise
+    _joined = True
     cluster = Cluster(
         particle_mesh(),
         jax.process_index(),
@@ -249,14 +254,18 @@ def gather(tree: Any) -> Any:
     others are fetched. Every process then holds the whole result: keep what is too large for one host on
     the devices, and reduce it there or save each process's own shards (``docs/multihost.md``)."""
 
-    def one(leaf):
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            from jax.experimental import multihost_utils
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    spread = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array) and not x.is_fully_addressable]
+    named = [i for i in spread if isinstance(leaves[i].sharding, NamedSharding)]
+    if named:  # one compiled all-gather for the whole tree (process_allgather compiles one per leaf shape)
+        out = tuple(NamedSharding(leaves[i].sharding.mesh, PartitionSpec()) for i in named)
+        for i, x in zip(named, jax.jit(lambda *xs: xs, out_shardings=out)(*(leaves[i] for i in named))):
+            leaves[i] = x  # now fully replicated: every process reads its own copy
+    for i in set(spread) - set(named):
+        from jax.experimental import multihost_utils
 
-            return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
-        return np.asarray(jax.device_get(leaf))
-
-    return jax.tree_util.tree_map(one, tree)
+        leaves[i] = multihost_utils.process_allgather(leaves[i], tiled=True)
+    return jax.tree_util.tree_unflatten(treedef, [np.asarray(jax.device_get(x)) for x in leaves])
 
 
 def run(

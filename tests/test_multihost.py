@@ -33,8 +33,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "multihost_worker.py"
 TIMEOUT = 240  # seconds for the whole group of processes (about 40 s on a quiet 2-core machine)
-# faster CPU compiles (the cost of this test); the same flags in both runs, so they cannot explain a difference
-FAST = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 METHODS = ["smc_bootstrap", "smc_twisted", "smc_adaptive", "csmc", "tempered_smc", "island_smc", "many", "dts", "lm_smc"]
 
 
@@ -45,10 +43,9 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-    # the children must not see pytest(-xdist)'s or a caller's JAX/XLA settings
+    # the children must not see pytest(-xdist)'s or a caller's JAX/XLA settings; these two are docs/multihost.md's
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "XLA_", "JAX_", "COV_CORE_"))}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST}",
-               PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     return env
 
 
@@ -167,3 +164,48 @@ def test_processes_that_disagree_are_refused(runs, case, what):
     for e in _errors(runs):  # every process raises, not only the odd one out (no process is left waiting)
         msg = e[case]
         assert msg and msg.startswith(f"processes disagree on {what}:") and "1 of the 2 processes (1)" in msg, msg
+
+
+def test_docs_show_the_commands_this_test_runs():
+    doc = (ROOT / "docs" / "multihost.md").read_text()
+    for devices, args in ((4, "/tmp/pair 127.0.0.1:$PORT 2 $i"), (8, "/tmp/one")):
+        env = _env(devices)
+        assert f"JAX_PLATFORMS={env['JAX_PLATFORMS']} XLA_FLAGS={env['XLA_FLAGS']}" in doc, devices
+        assert f".venv/bin/python tests/multihost_worker.py {args}" in doc, args
+
+
+def test_digest_is_the_same_for_the_same_values():
+    """What every process computes for the agreement check: equal values give equal digests whatever the
+    objects' addresses; another key, β, table or function gives another."""
+    import jax
+
+    import pplalign
+    from models.markov_lm import TableReward, random_markov_lm
+    from pplalign.distributed import digest
+
+    lm = random_markov_lm(jax.random.PRNGKey(0), vocab_size=3, num_steps=2)
+    make = lambda beta, values: pplalign.tilt(lm, TableReward(np.asarray(values, np.float32), 3), beta)
+    values = np.arange(9.0)
+    assert digest(make(1.0, values)) == digest(make(1.0, values.copy()))
+    assert digest(make(1.0, values)) != digest(make(2.0, values))
+    assert digest(make(1.0, values)) != digest(make(1.0, values + 1e-6))
+    assert digest(jax.random.key(0)) == digest(jax.random.key(0)) != digest(jax.random.key(1))
+    assert digest(np.sum) == digest(np.sum) != digest(np.mean)
+    assert digest(object()) == digest(object())  # a default repr's address is left out
+
+
+def test_single_process_helpers():
+    """In one process: initialize(num_processes=1) joins nothing, the agreement check is free, gather
+    fetches, and check_mesh keeps its single-process messages."""
+    import jax
+
+    from pplalign import distributed
+
+    cluster = distributed.initialize(num_processes=1, verbose=False)
+    assert cluster.num_processes == 1 and cluster.is_main and cluster.mesh.devices.size == jax.device_count()
+    distributed.check_agreement(jax.random.key(0), "anything")
+    got = distributed.gather({"a": jax.numpy.arange(3), "b": 2.0})
+    assert isinstance(got["a"], np.ndarray) and got["a"].tolist() == [0, 1, 2] and got["b"] == 2.0
+    with pytest.raises(ValueError, match="Mesh"):
+        distributed.check_mesh("cpu", 8)
+    distributed.check_mesh(cluster.mesh, 8 * jax.device_count())
