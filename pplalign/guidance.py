@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 
-from .particles import Particles
+from .particles import Particles, mark_invalid_beta
 from .potentials import DenoisedRewardTwist, _require, lambda_schedule
 from .programs import Tilted
 from .smc import smc
@@ -100,4 +100,5 @@ def reward_guidance(
     _, proposal = _build(target, twist, lambdas, scale)
     p = smc(key, target, num_particles, proposal=proposal, ess_threshold=0.0)
     n = p.log_weights.shape[0]
-    return p._replace(log_weights=jnp.zeros((n,), jnp.float32), ess=jnp.full_like(p.ess, n), nfe=2 * p.nfe)
+    p = p._replace(log_weights=jnp.zeros((n,), jnp.float32), ess=jnp.full_like(p.ess, n), nfe=2 * p.nfe)
+    return mark_invalid_beta(p, target.beta)  # equal weights, unless a traced β is invalid

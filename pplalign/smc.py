@@ -343,7 +343,7 @@ def _best_of_n(key, target, n):
     p = run_smc(key, target, n, ess_threshold=0.0)
     best = jnp.argmax(p.log_weights)
     pick = lambda leaf: leaf[best][None]
-    return Particles(
+    result = Particles(
         jax.tree_util.tree_map(pick, p.samples),
         jnp.zeros((1,), jnp.float32),
         p.log_Z,
@@ -355,6 +355,7 @@ def _best_of_n(key, target, n):
         p.nonfinite_twist,
         p.invalid_beta,
     )
+    return mark_invalid_beta(result, target.beta)  # its one log-weight too
 
 
 _compiled_best_of_n = filter_jit(_best_of_n)

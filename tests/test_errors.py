@@ -261,3 +261,10 @@ def test_tempered_smc_with_all_minus_inf_reward_has_zero_ess():
     result = pplalign.tempered_smc(jax.random.PRNGKey(0), target, 16, max_stages=4)
     assert bool(result.all_zero) and float(result.log_Z) == -np.inf
     np.testing.assert_array_equal(np.asarray(result.ess), 0.0)
+
+
+def test_many_names_the_invalid_beta_of_a_batch(markov):
+    lm, reward, _ = markov
+    targets = jax.vmap(lambda b: pplalign.Tilted(lm, reward, b))(jnp.array([1.0, -1.0]))
+    with pytest.raises(ValueError, match="target 1 of the batch: beta"):
+        pplalign.many(jax.random.PRNGKey(0), targets, 4)

@@ -180,3 +180,15 @@ def test_csmc_valid_reference_is_accepted(target):
     ref = jnp.array([0, 1, 2, 2, 3], jnp.int32)
     result = pplalign.csmc(jax.random.PRNGKey(0), target, 8, ref)
     np.testing.assert_array_equal(np.asarray(result.samples[0]), np.asarray(ref))
+
+
+def test_dts_resume_of_a_tree_grown_by_run_loop_needs_a_stamp(target, grown):
+    """A tree grown by run_loop/run (under the caller's jit) carries no setup; dts refuses it until marked."""
+    key, _ = grown
+    cfg = DTSConfig("published")
+    empty = search.init(target, search.nodes_needed(target.num_steps, 2 * ITERS))
+    tree = search.run(key, empty, target, jnp.asarray(ITERS, jnp.int32), cfg, None)
+    with pytest.raises(ValueError, match="stamp_tree"):
+        pplalign.dts(key, target, ITERS, tree=tree)
+    _, resumed = pplalign.dts(key, target, ITERS, tree=search.stamp_tree(tree, target, cfg))
+    assert int(resumed.iteration) == 2 * ITERS

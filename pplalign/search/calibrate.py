@@ -34,7 +34,8 @@ import jax.numpy as jnp
 
 from .._filter_jit import filter_jit
 from .._numerics import sanitize_log as _sanitize
-from ..programs import Tilted, is_sequential
+from .._validation import check_count, check_key
+from ..programs import Tilted, is_sequential, validate_beta
 
 __all__ = ["CalibratedTwist", "calibrate_twist"]
 
@@ -101,8 +102,9 @@ def calibrate_twist(key: jax.Array, target: Tilted, twist, num_particles: int = 
         raise ValueError("calibrate_twist needs a tilted Sequential program (pplalign.tilt of a diffusion sampler)")
     if twist is None:
         raise ValueError("calibrate_twist needs a twist to calibrate")
-    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 2:
-        raise ValueError(f"num_particles must be an int >= 2; got {num_particles!r}")
+    check_key(key)
+    validate_beta(target.beta)
+    num_particles = check_count(num_particles, "num_particles", 2)
     log_means = _pilot_jit(key, target, twist, num_particles)
     if not bool(jnp.all(jnp.isfinite(log_means))):
         raise ValueError(f"the calibration pilot's weights vanished or were not finite (log means {log_means}); check the twist and the reward")
