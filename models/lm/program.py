@@ -15,7 +15,39 @@ Resampling (``reorder``) gathers the small per-particle leaves and only the *fil
 halving both the attention's reads and the resampling gather.
 
 Many prompts: ``prompt_caches`` prefills a batch of prompts; :func:`vmap_prompts` runs any sampler once per
-prompt with ``vmap`` (each prompt has its own particle system, as resampling must not mix prompts).
+prompt with ``vmap`` (each prompt has its own particle system, as resampling must not mix prompts);
+:func:`smc_many_prompts` is the one-call version that returns one :class:`pplalign.Particles` per prompt.
+
+Length cut-off (``cutoff=``). T steps may end before ``<eos>``; two targets are on offer.
+
+* ``"truncate"`` (semantics A, the default): the program's law is the law of the first T tokens,
+
+      p₀^{(T)}(x_{0:T}) = ∏_{t<T} p₀(x_t | prompt, x_{<t})      (<pad> with probability 1 after an end token),
+
+  a truncated prefix: unfinished sequences are allowed. σ_A ∝ p₀^{(T)}(x) e^{r(x)/β}, and
+  Z_A = E_{p₀}[e^{r(x_{0:T})/β}] (every prefix counts, finished or not).
+
+* ``"force_eos"`` (semantics B, what genlm-control settled on, its issue #145): the target is p₀ over
+  *complete* sequences that end by step T,
+
+      σ_B(x) ∝ p₀(x) · 1[x ends with an end token by step T] · e^{r(x)/β},
+      Z_B = E_{p₀}[1[complete by T] · e^{r(x)/β}] = P_{p₀}(complete by T) · E_{p₀}[e^{r/β} | complete by T],
+
+  where p₀(x) of a complete x is its probability as a whole sequence (its end token included). The indicator
+  is part of the target: :meth:`LMProgram.target` multiplies it into the reward (r = −∞ for an unfinished
+  sequence), so every sampler (IS from p₀, best-of-N, DTS, twisted SMC) targets σ_B. Forcing the end is a
+  proposal: :meth:`LMProgram.proposal` q_F equals p₀ at steps t < T−1 and, at t = T−1 for an unfinished
+  prefix h = x_{<T−1}, draws an end token e ∈ E with q_F(e | h) = p₀(e | h)/p₀(E | h), p₀(E | h) = Σ_{e∈E} p₀(e | h)
+  (finished prefixes draw <pad> under both). Its importance weight at the last step is
+
+      p₀(e | h) / q_F(e | h) = p₀(E | h)      (1 for a prefix that ended earlier),
+
+  the probability p₀ gave to ending there, so q_F(x)·w(x) = p₀(x)·1[complete] for every x and
+  E_{q_F}[w · e^{r/β}] = Z_B: pass ``proposal=program.proposal`` to ``pplalign.smc`` and it computes this weight
+  itself (log p₀ − log q). q_F is the locally optimal proposal for the indicator at the last step, so no
+  particle is wasted on an unfinished sequence. Forcing the end *without* the factor p₀(E | h) samples
+  q_F(x)·e^{r/β} instead, a different law (each forced sequence up-weighted by 1/p₀(E | h)): the pitfall of
+  DESIGN §8. When p₀(E | h) = 0 (end tokens banned) q_F falls back to p₀ and the indicator gives weight 0.
 """
 
 from __future__ import annotations
@@ -32,7 +64,9 @@ from .tokenizer import BOS, EOS, PAD, Tokenizer
 from .transformer import Transformer
 
 __all__ = ["PromptCache", "LMState", "LMProgram", "prompt_caches", "special_ids", "vmap_prompts", "ancestral_sample",
-           "stay_in_place", "in_place_ancestors"]
+           "stay_in_place", "in_place_ancestors", "CompleteOnly", "smc_many_prompts", "CUTOFFS"]
+
+CUTOFFS = ("truncate", "force_eos")
 
 
 class PromptCache(NamedTuple):
@@ -114,12 +148,13 @@ class LMProgram:
     bucket: int = dataclasses.field(default=8, metadata=dict(static=True))
     reorder_mode: str = dataclasses.field(default="inplace", metadata=dict(static=True))
     pad_id: int = dataclasses.field(default=PAD, metadata=dict(static=True))
+    cutoff: str = dataclasses.field(default="truncate", metadata=dict(static=True))
 
     @classmethod
     def from_prompt(cls, model: Transformer, prompt: str | Sequence[int], num_steps: int, *,
                     tokenizer: Optional[Tokenizer] = None, prompt_cache_len: Optional[int] = None,
                     cache_dtype: Any = None, bucket: int = 8, reorder_mode: str = "inplace",
-                    banned: Sequence[int] = ()) -> "LMProgram":
+                    banned: Sequence[int] = (), cutoff: str = "truncate") -> "LMProgram":
         """A program continuing ``prompt`` (text, encoded with ``tokenizer``; or ids).
 
         The end, pad and ``<bos>`` ids come from ``tokenizer`` when given (a Hugging Face tokenizer carries
@@ -134,16 +169,20 @@ class LMProgram:
                              f"{model.cfg.vocab_size}: they do not belong together")
         if cache_dtype is None:
             cache_dtype = getattr(model, "cache_dtype", None) or jnp.float32
-        eos_ids, pad_id, bos_id = special_ids(tokenizer)
+        eos_ids, pad_id, bos_id = special_ids(tokenizer, model)
+        # embedding rows beyond the tokenizer (Qwen pads its embedding to a multiple of 128) are never drawn
+        unused = list(range(tokenizer.vocab_size, model.cfg.vocab_size)) if tokenizer is not None else []
         cache = jax.tree_util.tree_map(lambda a: a[0], prompt_caches(model, [prompt], pad_to=prompt_cache_len,
                                                                      cache_dtype=cache_dtype, pad_id=pad_id))
-        return cls.build(model, cache, num_steps, bucket=bucket, reorder_mode=reorder_mode, banned=banned,
-                         eos_ids=eos_ids, pad_id=pad_id, bos_id=bos_id)
+        return cls.build(model, cache, num_steps, bucket=bucket, reorder_mode=reorder_mode, banned=[*banned, *unused],
+                         eos_ids=eos_ids, pad_id=pad_id, bos_id=bos_id, cutoff=cutoff)
 
     @classmethod
     def build(cls, model: Transformer, prompt: PromptCache, num_steps: int, *, bucket: int = 8,
               reorder_mode: str = "inplace", banned: Sequence[int] = (), eos_ids: Sequence[int] = (EOS,),
-              pad_id: int = PAD, bos_id: Optional[int] = BOS) -> "LMProgram":
+              pad_id: int = PAD, bos_id: Optional[int] = BOS, cutoff: str = "truncate") -> "LMProgram":
+        """A program on a prefilled prompt cache. ``cutoff`` is ``"truncate"`` or ``"force_eos"`` (module
+        docstring)."""
         if not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive int; got {num_steps!r}")
         if reorder_mode not in ("bucketed", "full", "inplace"):
@@ -163,8 +202,13 @@ class LMProgram:
         never = [i for i in (pad_id, bos_id) if i is not None and i not in eos]
         mask = np.zeros(vocab, np.float32)
         mask[[*never, *banned]] = -np.inf
+        if cutoff not in CUTOFFS:
+            raise ValueError(f"cutoff must be one of {CUTOFFS}; got {cutoff!r}")
+        if cutoff == "force_eos" and all(e in set(map(int, banned)) for e in eos):
+            raise ValueError("cutoff='force_eos' needs an end token, but every end id is banned: no sequence can "
+                             "complete (Z = 0)")
         return cls(model, prompt, jnp.asarray(mask), jnp.asarray(eos, jnp.int32), num_steps, bucket, reorder_mode,
-                   int(pad_id))
+                   int(pad_id), cutoff)
 
     # --- the Sequential protocol ---------------------------------------------------------------------------
     @property
@@ -205,6 +249,37 @@ class LMProgram:
 
     def output(self, state: LMState) -> jax.Array:
         return state.tokens
+
+    # --- the length cut-off ----------------------------------------------------------------------------------
+    def proposal(self, state: LMState, t) -> dist.CategoricalLogits:
+        """q_t for ``pplalign.smc(..., proposal=program.proposal)``: p₀ itself, except with ``cutoff="force_eos"``
+        at the last step, where an unfinished particle draws an end token e with q(e) = p₀(e)/p₀(E) (module
+        docstring); smc's weight log p₀ − log q is then log p₀(E | x_{<T−1}), the cut-off's correction."""
+        if self.cutoff == "truncate":
+            return self.transition(state, t)
+        ends_only = jnp.where(self._is_end, state.logits, -jnp.inf)
+        # done particles keep their <pad>-only logits (q = p₀ there); p₀(E) = 0 falls back to p₀ (weight 0 by
+        # the indicator of :meth:`target`) instead of an all −inf row, which would be NaN
+        force = (jnp.asarray(t) == self.num_steps - 1) & ~state.done & jnp.any(jnp.isfinite(ends_only))
+        return dist.CategoricalLogits(jnp.where(force, ends_only, state.logits))
+
+    @property
+    def _is_end(self) -> jax.Array:
+        return jnp.any(jnp.arange(self.model.cfg.vocab_size)[:, None] == self.eos_ids[None, :], axis=1)
+
+    def completes(self, tokens: jax.Array) -> jax.Array:
+        """[] bool: the tokens [T] contain an end token (the sequence finished within the T steps)."""
+        return jnp.any(jnp.asarray(tokens)[:, None] == self.eos_ids[None, :])
+
+    def target(self, reward: Callable, beta: Any = 1.0):
+        """The tilted target of this program's cut-off: ``pplalign.tilt(self, reward, beta)`` (σ_A) for
+        ``"truncate"``; for ``"force_eos"`` the reward gets the indicator of a complete sequence
+        (:class:`CompleteOnly`), σ_B ∝ p₀·1[complete by T]·e^{r/β}, whatever sampler runs on it."""
+        import pplalign  # models/ sit above pplalign (DESIGN §2); imported here to keep program.py light
+
+        if self.cutoff == "force_eos":
+            reward = CompleteOnly(reward, self.eos_ids)
+        return pplalign.tilt(self, reward, beta)
 
     # --- resampling -----------------------------------------------------------------------------------------
     def reorder(self, states: LMState, ancestors: jax.Array, t) -> LMState:
@@ -261,12 +336,32 @@ class LMProgram:
         return self.model.cfg.vocab_size
 
 
-def special_ids(tokenizer: Any = None) -> tuple[list[int], int, Optional[int]]:
-    """(end ids, pad id, ``<bos>`` id) of a tokenizer: a Hugging Face tokenizer's ``eos_ids``/``pad_id``/
-    ``bos_id``, else the in-house vocabulary's ``<eos>``, ``<pad>``, ``<bos>``."""
-    if tokenizer is None or not hasattr(tokenizer, "eos_ids"):
-        return [EOS], PAD, BOS
-    return list(tokenizer.eos_ids), int(tokenizer.pad_id), tokenizer.bos_id
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CompleteOnly:
+    """r(x) where x contains an end token, −∞ otherwise: the log of the indicator of semantics B, added to a
+    reward (the reward itself is a pytree child, so its arrays stay traced)."""
+
+    reward: Callable
+    eos_ids: jax.Array
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        r = jnp.asarray(self.reward(tokens), jnp.float32)
+        done = jnp.any(jnp.asarray(tokens)[:, None] == self.eos_ids[None, :])
+        return jnp.where(done, r, -jnp.inf)
+
+
+def special_ids(tokenizer: Any = None, model: Any = None) -> tuple[list[int], int, Optional[int]]:
+    """(end ids, pad id, ``<bos>`` id): a Hugging Face tokenizer's ``eos_ids``/``pad_id``/``bos_id``; without a
+    tokenizer, those ``models.hf.load_pretrained`` recorded on the model (``model.special_token_ids``, from its
+    generation config); else the in-house vocabulary's ``<eos>``, ``<pad>``, ``<bos>``."""
+    if tokenizer is not None and hasattr(tokenizer, "eos_ids"):
+        return list(tokenizer.eos_ids), int(tokenizer.pad_id), tokenizer.bos_id
+    recorded = getattr(model, "special_token_ids", None) if tokenizer is None else None
+    if recorded is not None:
+        eos, pad, bos = recorded
+        return list(eos), int(pad), bos
+    return [EOS], PAD, BOS
 
 
 def vmap_prompts(fn: Callable[[jax.Array, LMProgram], Any], program: LMProgram, prompts: PromptCache, key: jax.Array):
