@@ -53,7 +53,7 @@ def build_model(args, nnx):
         from models.hf.pretrained import DTYPES
 
         if args.hf:
-            model, tok = load_pretrained(args.hf, dtype=args.dtype)
+            model, tok = load_pretrained(args.hf, dtype=args.dtype)  # its end/pad ids are recorded on the model
             return model, model.cfg.vocab_size, sorted(set(tok.eos_ids))
         cfg = config_from_hf(RANDOM_CONFIGS[args.random_config])
         model = Decoder(cfg, dtype=DTYPES[args.dtype], rngs=nnx.Rngs(0))

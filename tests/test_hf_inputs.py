@@ -214,3 +214,101 @@ def test_config_parsing_of_real_configs():
                        activation_function="gelu_new", layer_norm_epsilon=1e-5, intermediate_size=None)
     cfg = config_from_hf(tinystories)
     assert cfg.layer_kinds == ("global", "local", "global", "local") and not cfg.scale_attention and cfg.d_ff == 3072
+
+
+# --- real-checkpoint variants the tiny fixtures do not show by themselves (review of issue 11) -----------------
+def _logits(d, ids):
+    import jax.numpy as jnp
+
+    model, _ = load_pretrained(d)
+    return np.asarray(model(jnp.asarray(ids))[0])
+
+
+def test_tied_config_with_a_distinct_lm_head_is_untied_as_transformers_does(llama_dir):
+    """A merged checkpoint may keep tie_word_embeddings=true yet store its own lm_head.weight: transformers
+    then uses the stored head, and so must we (identical heads stay tied)."""
+    ref = np.load(FIXTURES / "llama" / "reference.npz")
+    head = np.random.default_rng(0).normal(size=(400, 32)).astype(np.float32)
+    _rewrite_tensors(llama_dir, lambda t: t.__setitem__("lm_head.weight", head))
+    model, _ = load_pretrained(llama_dir)
+    assert not model.cfg.tie_embeddings
+    _, hidden = model(ref["input_ids"])
+    np.testing.assert_allclose(np.asarray(model(ref["input_ids"])[0]), np.asarray(hidden) @ head.T, atol=1e-4)
+    _rewrite_tensors(llama_dir, lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"].copy()))
+    assert load_pretrained(llama_dir)[0].cfg.tie_embeddings
+    np.testing.assert_allclose(_logits(llama_dir, ref["input_ids"]), ref["logits"], atol=2e-4)
+
+
+def test_original_gpt2_names_buffers_and_bfloat16_file(tmp_path):
+    """The original gpt2 files: no 'transformer.' prefix, causal-mask buffers (attn.bias, attn.masked_bias),
+    bfloat16 tensors (read through ml_dtypes); and n_inner null means 4·n_embd."""
+    gpt2 = json.loads((FIXTURES / "gpt2" / "config.json").read_text())
+    assert config_from_hf({**gpt2, "n_inner": None}).d_ff == 4 * gpt2["n_embd"]
+    import ml_dtypes
+    from safetensors.numpy import load_file, save_file
+
+    d = tmp_path / "gpt2"
+    shutil.copytree(FIXTURES / "gpt2", d)
+    ref = np.load(FIXTURES / "gpt2" / "reference.npz")
+    tensors = {k.removeprefix("transformer."): v for k, v in load_file(str(d / "model.safetensors")).items()}
+    tensors["h.0.attn.bias"] = np.tril(np.ones((1, 1, 32, 32), np.float32))
+    tensors["h.1.attn.masked_bias"] = np.asarray(-1e4, np.float32)
+    save_file({k: v.astype(ml_dtypes.bfloat16) if v.ndim else v for k, v in tensors.items()},
+              str(d / "model.safetensors"), metadata={"format": "pt"})
+    logits = _logits(d, ref["input_ids"])
+    # bfloat16-rounded weights, float32 compute: ≈ 2^-8 relative per weight; bound as in the bf16 test
+    assert np.abs(logits - ref["logits"]).max() < 0.05 * np.abs(ref["logits"]).max()
+
+
+def test_export_keeps_the_activation(tmp_path):
+    import jax.numpy as jnp
+
+    from models.hf import save_pretrained
+
+    d = tmp_path / "gelu"
+    shutil.copytree(FIXTURES / "gpt2", d)
+    _edit_config(d, activation_function="gelu")
+    model, tok = load_pretrained(d)
+    save_pretrained(model, tok, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["activation_function"] == "gelu"
+    ids = jnp.asarray(np.load(FIXTURES / "gpt2" / "reference.npz")["input_ids"])
+    np.testing.assert_allclose(_logits(tmp_path / "again", ids), np.asarray(model(ids)[0]), atol=1e-5)
+
+
+def test_malformed_files_and_settings_are_value_errors(llama_dir, tmp_path):
+    (llama_dir / "tokenizer_config.json").unlink()
+    (llama_dir / "tokenizer_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="tokenizer_config.json must hold a JSON object"):
+        load_pretrained(llama_dir)
+    with pytest.raises(ValueError, match="dtype=5 is not supported"):
+        load_pretrained(FIXTURES / "gpt2", dtype=5)
+    d = tmp_path / "sharded"
+    shutil.copytree(FIXTURES / "llama_sharded", d)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"model.norm.weight": 3}}))
+    with pytest.raises(ValueError, match="'weight_map' must map tensor names to shard file names"):
+        load_pretrained(d)
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 16.0}, rope_scaling={"type": "linear", "factor": 2.0}),
+     "RoPE scaling 'linear'"),  # a legacy rope_scaling replaces rope_parameters' scaling, as in transformers
+    (dict(attention_types=[["global", "local"]]), "attention_types must be"),
+])
+def test_rope_and_attention_layouts(llama_dir, changes, match):
+    if "attention_types" in changes:
+        llama_dir = llama_dir.parent / "neo"
+        shutil.copytree(FIXTURES / "gpt_neo", llama_dir)
+    _edit_config(llama_dir, **changes)
+    with pytest.raises(ValueError, match=match):
+        load_pretrained(llama_dir)
+
+
+def test_llama3_original_context_falls_back_to_max_positions():
+    cfg = config_from_hf(dict(model_type="llama", hidden_size=32, num_attention_heads=4, num_hidden_layers=1,
+                              intermediate_size=16, max_position_embeddings=32, vocab_size=10,
+                              rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                            "high_freq_factor": 4.0, "rope_theta": 16.0}))
+    assert dict(cfg.rope_scaling)["original_max_position_embeddings"] == 32.0
+    # the fixture's frequencies, as transformers 5.24 computed them (tests/fixtures/hf/llama/reference.json)
+    want = json.loads((FIXTURES / "llama" / "reference.json").read_text())["rope_inv_freq"]
+    np.testing.assert_array_equal(cfg.rope_inverse_frequencies(), np.float32(want))

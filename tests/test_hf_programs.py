@@ -116,3 +116,19 @@ def test_rewards_use_the_programs_pad_token(setup):
     clf, _ = load_model("lm_story_classifier")
     with pytest.raises(ValueError, match="pads with 399"):
         ClassifierReward.for_program(clf, program, head=(0, 3), label=2)
+
+
+def test_program_without_tokenizer_uses_the_checkpoints_ids():
+    """A program built from ids alone still ends on the checkpoint's own end tokens (from its generation
+    config), and embedding rows beyond the tokenizer are never drawn."""
+    model, tok = load_pretrained(FIXTURES / "llama")
+    program = LMProgram.from_prompt(model, [396, 5, 6], 3)
+    assert sorted(np.asarray(program.eos_ids).tolist()) == sorted(tok.eos_ids) and program.pad_id == tok.pad_id
+    bare, _ = load_pretrained(FIXTURES / "llama", tokenizer=False)
+    assert LMProgram.from_prompt(bare, [396, 5, 6], 3).pad_id == tok.pad_id
+
+    class Smaller:  # a tokenizer covering only the first 390 rows of the embedding
+        eos_ids, pad_id, bos_id, vocab_size = tok.eos_ids, tok.pad_id, tok.bos_id, 390
+    program = LMProgram.from_prompt(model, [5, 6], 3, tokenizer=Smaller())
+    mask = np.asarray(program.logit_mask)
+    assert np.all(np.isneginf(mask[390:])) and np.all(np.isfinite(mask[:390][[5, 6, 100]]))

@@ -102,19 +102,22 @@ class DecoderConfig:
     def rope_inverse_frequencies(self):
         """θ_i = rope_theta^(−2i/head_dim), i < head_dim/2, rescaled by ``llama3`` scaling when configured:
         wavelengths longer than L/low_freq_factor are divided by ``factor``, shorter than L/high_freq_factor
-        kept, and those between interpolated linearly in L/wavelength (L = original context; Llama 3.1)."""
+        kept, and those between interpolated linearly in L/wavelength (L = original context; Llama 3.1).
+        Computed in float32 as transformers does, so that the angles agree to the last bit at long contexts."""
         import numpy as np
 
-        inv = 1.0 / (self.rope_theta ** (np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim))
+        f32 = np.float32
+        exponent = np.arange(0, self.head_dim, 2).astype(f32) / f32(self.head_dim)
+        inv = (f32(1.0) / np.power(f32(self.rope_theta), exponent)).astype(f32)
         if self.rope_scaling is None:
             return inv
         s = dict(self.rope_scaling)
-        factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
-        old = float(s["original_max_position_embeddings"])
-        wavelen = 2 * math.pi / inv
+        factor, low, high = f32(s["factor"]), f32(s["low_freq_factor"]), f32(s["high_freq_factor"])
+        old = f32(s["original_max_position_embeddings"])
+        wavelen = f32(2 * math.pi) / inv
         smooth = (old / wavelen - low) / (high - low)
-        mid = (1 - smooth) * inv / factor + smooth * inv
-        return np.where(wavelen > old / low, inv / factor, np.where(wavelen < old / high, inv, mid))
+        mid = (f32(1) - smooth) * inv / factor + smooth * inv
+        return np.where(wavelen > old / low, inv / factor, np.where(wavelen < old / high, inv, mid)).astype(f32)
 
 
 def _need(cfg: Mapping[str, Any], *names: str) -> Any:
@@ -135,30 +138,39 @@ def _check_off(cfg: Mapping[str, Any], model_type: str) -> None:
 
 
 def _rope(cfg: Mapping[str, Any]) -> tuple[float, Optional[tuple]]:
-    """rope_theta and the scaling, from ``rope_scaling`` (transformers 4) or ``rope_parameters`` (5)."""
-    params = dict(cfg.get("rope_parameters") or {})
+    """rope_theta and the scaling, from ``rope_scaling`` (transformers 4; when present it replaces the
+    scaling of ``rope_parameters``, as in transformers) or ``rope_parameters`` (transformers 5)."""
+    params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or None
-    if scaling:
-        params.update(scaling)
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    kind = params.get("rope_type", params.get("type", "default"))
+    if not isinstance(params, Mapping) or (scaling is not None and not isinstance(scaling, Mapping)):
+        raise ValueError("config.json's rope_parameters / rope_scaling must be JSON objects")
+    source = dict(scaling) if scaling else dict(params)
+    theta = float(params.get("rope_theta", source.get("rope_theta", cfg.get("rope_theta", 10000.0))))
+    kind = source.get("rope_type", source.get("type", "default"))
     if kind == "default":
         return theta, None
     if kind != "llama3":
         raise ValueError(f"config.json asks for RoPE scaling {kind!r}; supported: 'default' (none) and 'llama3'")
+    # the original context: a top-level field first, then the scaling's own, then max_position_embeddings
+    source["original_max_position_embeddings"] = (cfg.get("original_max_position_embeddings")
+                                                  or source.get("original_max_position_embeddings")
+                                                  or cfg.get("max_position_embeddings"))
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    missing = [k for k in keys if k not in params]
+    missing = [k for k in keys if source.get(k) is None]
     if missing:
         raise ValueError(f"llama3 rope scaling lacks {missing}")
-    return theta, tuple(sorted((k, float(params[k])) for k in keys))
+    return theta, tuple(sorted((k, float(source[k])) for k in keys))
 
 
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "silu": "silu",
                 "swish": "silu", "relu": "relu"}
 
 
+ACTIVATION_NAMES = {"gelu_tanh": "gelu_new", "gelu": "gelu", "silu": "silu", "relu": "relu"}  # ours → HF
+
+
 def _activation(name: str) -> str:
-    if name not in _ACTIVATIONS:
+    if not isinstance(name, str) or name not in _ACTIVATIONS:
         raise ValueError(f"activation {name!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
     return _ACTIVATIONS[name]
 
@@ -184,8 +196,11 @@ def _gpt_neo(cfg) -> dict:
     heads = int(_need(cfg, "num_heads", "num_attention_heads"))
     layers = int(_need(cfg, "num_layers", "num_hidden_layers"))
     kinds = []
-    for pattern, repeat in _need(cfg, "attention_types"):
-        kinds += list(pattern) * int(repeat)
+    try:
+        for pattern, repeat in _need(cfg, "attention_types"):
+            kinds += list(pattern) * int(repeat)
+    except (TypeError, ValueError):
+        raise ValueError(f"gpt_neo attention_types must be [[[kinds...], repeat], ...]; got {cfg.get('attention_types')!r}") from None
     if len(kinds) != layers or any(k not in ("global", "local") for k in kinds):
         raise ValueError(f"gpt_neo attention_types give {kinds} for {layers} layers (each 'global' or 'local')")
     if d % heads:
@@ -227,6 +242,8 @@ _BUILDERS = {
 
 def config_from_hf(cfg: Mapping[str, Any]) -> DecoderConfig:
     """A :class:`DecoderConfig` from the parsed ``config.json`` of a supported architecture."""
+    if not isinstance(cfg, Mapping):
+        raise ValueError("config.json must hold a JSON object")
     model_type = cfg.get("model_type")
     if model_type not in _BUILDERS:
         raise ValueError(f"model_type {model_type!r} is not supported; supported: {list(SUPPORTED_MODEL_TYPES)}")

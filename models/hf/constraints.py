@@ -155,7 +155,9 @@ def regex_automaton(tokenizer: Any, pattern: str, *, vocab_size: Optional[int] =
     vocab = vocabulary(tokenizer, vocab_size)
     what = description or f"regex {pattern!r}"
     try:
-        index = Index(pattern, _outlines_vocabulary(vocab))
+        # anchored at the end of the text: outlines-core walks a leftmost-first DFA, which (unanchored) drops the
+        # continuations after a first match, e.g. "abab" for a[ab]*b; with \z its language is re.fullmatch's
+        index = Index(f"(?:{pattern})\\z", _outlines_vocabulary(vocab))
     except (ValueError, TypeError) as e:
         raise ValueError(f"{what} gives no token automaton over this vocabulary ({vocab.vocab_size} tokens): {e}") from None
     # outlines-core's own end-token moves are dropped: the ENDED rule of pplalign.constraints replaces them

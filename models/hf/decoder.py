@@ -188,9 +188,10 @@ class Decoder(nnx.Module):
         return x
 
     def _unembed(self, hidden):
+        """float32 logits whatever the weights' dtype: bfloat16 spacing at |logit| ≈ 20 is 0.125."""
         if self.cfg.tie_embeddings:
-            return self.embed.attend(hidden).astype(jnp.float32)
-        return self.head(hidden).astype(jnp.float32)
+            return jnp.einsum("...d,vd->...v", hidden, self.embed.embedding[...], preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,dv->...v", hidden, self.head.kernel[...], preferred_element_type=jnp.float32)
 
     def __call__(self, tokens: jax.Array, *, return_kv: bool = False):
         """tokens [B, S] → (logits [B,S,V] float32, hidden [B,S,D]) and kv [B, L, 2, S, kv_dim] when

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from .config import DecoderConfig
+from .config import ACTIVATION_NAMES, DecoderConfig
 from .decoder import Decoder
 from .tokenizer import HFTokenizer
 from .weights import to_hf_tensors, write_checkpoint
@@ -100,7 +100,7 @@ def hf_tokenizer_of(tokenizer: Any) -> HFTokenizer:
 def _gpt2_json(cfg: DecoderConfig, tok: HFTokenizer) -> dict:
     return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
             "n_embd": cfg.d_model, "n_layer": cfg.num_layers, "n_head": cfg.num_heads, "n_inner": cfg.d_ff,
-            "n_positions": cfg.max_len, "n_ctx": cfg.max_len, "activation_function": "gelu_new",
+            "n_positions": cfg.max_len, "n_ctx": cfg.max_len, "activation_function": ACTIVATION_NAMES[cfg.activation],
             "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "scale_attn_weights": True,
             "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_ids[0], "pad_token_id": tok.pad_id}

@@ -20,19 +20,22 @@ from flax import nnx
 from .config import config_from_hf
 from .decoder import Decoder
 from .tokenizer import HFTokenizer
-from .weights import assign, read_checkpoint
+from .weights import assign, read_checkpoint, untie_if_distinct
 
 __all__ = ["load_pretrained", "resolve", "DTYPES"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-          "special_tokens_map.json", "*.safetensors", "model.safetensors.index.json"]
+          "special_tokens_map.json", "model*.safetensors", "model.safetensors.index.json"]
 
 
-def _dtype(value: Any, what: str):
+def _dtype(value: Any, what: str, default=None):
     if value is None:
-        return None
-    name = value if isinstance(value, str) else jnp.dtype(value).name
+        return default
+    try:
+        name = value if isinstance(value, str) else jnp.dtype(value).name
+    except TypeError:
+        name = None
     if name not in DTYPES:
         raise ValueError(f"{what}={value!r} is not supported; use one of {sorted(DTYPES)}")
     return DTYPES[name]
@@ -77,6 +80,20 @@ def _read_config(directory: Path) -> dict:
     return cfg
 
 
+def _special_ids_from_configs(directory: Path) -> tuple:
+    """(end ids, pad id, bos id) from generation_config.json, then config.json."""
+    from .tokenizer import _ids, _read_json
+
+    gen, cfg = _read_json(directory / "generation_config.json"), _read_json(directory / "config.json")
+    eos = list(dict.fromkeys(_ids(gen.get("eos_token_id")) + _ids(cfg.get("eos_token_id"))))
+    if not eos:
+        raise ValueError(f"{directory}: neither generation_config.json nor config.json names an end token; "
+                         "load with tokenizer=True")
+    pad = next(iter(_ids(gen.get("pad_token_id")) + _ids(cfg.get("pad_token_id"))), eos[0])
+    bos = next(iter(_ids(gen.get("bos_token_id")) + _ids(cfg.get("bos_token_id"))), None)
+    return tuple(eos), int(pad), bos
+
+
 def load_pretrained(path_or_name: str | Path, *, dtype: Any = "float32", cache_dtype: Any = None,
                     tokenizer: bool = True) -> tuple[Decoder, Optional[HFTokenizer]]:
     """Load a causal LM checkpoint of a supported architecture (``gpt2``, ``gpt_neo``, ``llama``, ``qwen2``,
@@ -96,16 +113,19 @@ def load_pretrained(path_or_name: str | Path, *, dtype: Any = "float32", cache_d
       file, missing or unexpected tensors, a shape that disagrees with the config, an unsupported
       architecture or feature, a tokenizer whose ids exceed the embedding, or an unknown dtype.
     """
-    param_dtype = _dtype(dtype, "dtype")
+    param_dtype = _dtype(dtype, "dtype", jnp.float32)
     cache = _dtype(cache_dtype, "cache_dtype") or param_dtype
     directory = resolve(path_or_name)
-    cfg = config_from_hf(_read_config(directory))
+    cfg = untie_if_distinct(directory, config_from_hf(_read_config(directory)))
     model = nnx.eval_shape(lambda: Decoder(cfg, dtype=param_dtype, rngs=nnx.Rngs(0)))
     shapes = {tuple(p): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     arrays = read_checkpoint(directory, cfg, shapes)
     assign(model, {p: jnp.asarray(np.asarray(a), param_dtype) for p, a in arrays.items()})
     model.cache_dtype = jnp.dtype(cache).name
     tok = HFTokenizer.from_dir(directory) if tokenizer else None
+    # without a tokenizer, LMProgram.from_prompt still needs the checkpoint's own end/pad/bos ids
+    model.special_token_ids = (tuple(tok.eos_ids), tok.pad_id, tok.bos_id) if tok is not None else \
+        _special_ids_from_configs(directory)
     if tok is not None and tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"the tokenizer in {directory} has ids up to {tok.vocab_size - 1}, beyond the model's "
                          f"embedding of {cfg.vocab_size} rows (config.json vocab_size)")

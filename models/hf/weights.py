@@ -167,6 +167,8 @@ def checkpoint_files(directory: Path) -> dict[str, Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{index} is not a valid safetensors index (a 'weight_map' object): {e}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: 'weight_map' must map tensor names to shard file names")
         missing = sorted({f for f in weight_map.values() if not (directory / f).exists()})
         if missing:
             raise ValueError(f"{index} names shard(s) that are missing from {directory}: {missing}")
@@ -191,6 +193,26 @@ def _tensor_names(path: Path) -> list[str]:
 def _shorten(names: list[str], limit: int = 12) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def untie_if_distinct(directory: Path, cfg: DecoderConfig) -> DecoderConfig:
+    """A config that says tied embeddings while the file holds an ``lm_head.weight`` unequal to the embedding
+    is untied, as transformers does (merged or fine-tuned checkpoints keep ``tie_word_embeddings: true``)."""
+    if not cfg.tie_embeddings:
+        return cfg
+    files = checkpoint_files(directory)
+    if "lm_head.weight" not in files:
+        return cfg
+    from safetensors import safe_open
+
+    embed = rules(cfg, detect_prefix(cfg, files))[0].hf
+    with safe_open(str(files["lm_head.weight"]), framework="numpy") as f:
+        head = f.get_tensor("lm_head.weight")
+    with safe_open(str(files[embed]), framework="numpy") as f:
+        table = f.get_tensor(embed)
+    if head.shape == table.shape and np.array_equal(head, table):
+        return cfg
+    return dataclasses.replace(cfg, tie_embeddings=False)
 
 
 def read_checkpoint(directory: Path, cfg: DecoderConfig, our_shapes: dict[tuple, tuple]) -> dict[tuple, np.ndarray]:
