@@ -60,6 +60,11 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 
+import pplalign
+from pplalign._filter_jit import filter_jit
+from pplalign.particles import raise_on_nonfinite
+from pplalign.programs import validate_beta
+
 from .tokenizer import BOS, EOS, PAD, Tokenizer
 from .transformer import Transformer
 
@@ -275,8 +280,6 @@ class LMProgram:
         """The tilted target of this program's cut-off: ``pplalign.tilt(self, reward, beta)`` (σ_A) for
         ``"truncate"``; for ``"force_eos"`` the reward gets the indicator of a complete sequence
         (:class:`CompleteOnly`), σ_B ∝ p₀·1[complete by T]·e^{r/β}, whatever sampler runs on it."""
-        import pplalign  # models/ sit above pplalign (DESIGN §2); imported here to keep program.py light
-
         if self.cutoff == "force_eos":
             reward = CompleteOnly(reward, self.eos_ids)
         return pplalign.tilt(self, reward, beta)
@@ -435,3 +438,78 @@ def stay_in_place(resampler: Callable) -> Callable:
 
     resample.__name__ = f"stay_in_place({getattr(resampler, '__name__', 'resampler')})"
     return resample
+
+
+def smc_many_prompts(key: jax.Array, model: Transformer, prompts: Sequence[str | Sequence[int]], num_steps: int,
+                     reward: Callable, num_particles: int, *, beta: Any = 1.0, tokenizer: Any = None,
+                     pad_to: Optional[int] = None, per_prompt_reward: bool = False, cutoff: str = "truncate",
+                     banned: Sequence[int] = (), **smc_kwargs: Any) -> list:
+    """``pplalign.smc`` on every prompt of a batch, prompts of different lengths in one compiled call.
+
+    Each prompt b has its own particle system σ_b ∝ p₀(x | prompt_b)·e^{r_b(x)/β} (resampling never mixes
+    prompts: the particle axis sits inside a ``vmap`` over prompts, and the only state they share, the model's
+    weights, is read-only). Prompts are right-padded to one cache length (``pad_to``, default the longest);
+    the padding is masked, so it does not change any prompt's p₀.
+
+    Args:
+      key: PRNG key; prompt b runs ``pplalign.smc`` with ``jax.random.split(key, B)[b]``, so its result is the
+        one of running that prompt alone with that key and ``prompt_cache_len=pad_to``.
+      prompts: texts (encoded with ``tokenizer``) or token-id lists.
+      reward: r(tokens [T]) shared by every prompt, or, with ``per_prompt_reward=True``, a function
+        ``reward(program_b) -> r_b`` called on each prompt's program (e.g. ``lambda p: ClassifierReward.for_program(
+        clf, p, ...)``); pass the same function object again to reuse the compiled call.
+      cutoff: ``"truncate"`` or ``"force_eos"`` (see the module docstring); with ``"force_eos"`` and neither a
+        twist nor a proposal the forcing proposal is used.
+      smc_kwargs: passed to ``pplalign.smc`` (``twist``, ``proposal``, ``resampling``, ``ess_threshold``).
+
+    Returns:
+      a list of B :class:`pplalign.Particles`, one per prompt, each with its own ``log_Z`` and ``nfe``.
+      ``ValueError`` (naming the prompt) when a prompt's reward or twist returned NaN/+inf.
+    """
+    validate_beta(beta)
+    if not isinstance(num_particles, int) or num_particles < 1:
+        raise ValueError(f"num_particles must be a positive int; got {num_particles!r}")
+    if isinstance(prompts, str) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of texts or token-id lists")
+    if any(isinstance(p, str) for p in prompts):
+        if tokenizer is None:
+            raise ValueError("text prompts need a tokenizer")
+        prompts = [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+    eos_ids, pad_id, bos_id = special_ids(tokenizer)
+    if cache_dtype := getattr(model, "cache_dtype", None):
+        cache_dtype = jnp.dtype(cache_dtype)
+    caches = prompt_caches(model, prompts, pad_to=pad_to, cache_dtype=cache_dtype or jnp.float32, pad_id=pad_id)
+    program = LMProgram.build(model, jax.tree_util.tree_map(lambda a: a[0], caches), num_steps, banned=banned,
+                              eos_ids=eos_ids, pad_id=pad_id, bos_id=bos_id, cutoff=cutoff)
+    keys = jax.random.split(key, len(prompts))
+    batched = _many_prompts_jit(keys, caches, program, reward, jnp.asarray(beta, jnp.float32), num_particles,
+                                bool(per_prompt_reward), smc_kwargs)
+    return _split_prompts(batched, reward, smc_kwargs.get("twist"))
+
+
+def _many_prompts_impl(keys, caches, program, reward, beta, num_particles, per_prompt_reward, smc_kwargs):
+    def one(k, cache):
+        prog = dataclasses.replace(program, prompt=cache)
+        r = reward(prog) if per_prompt_reward else reward
+        kw = dict(smc_kwargs)
+        if prog.cutoff == "force_eos" and kw.get("twist") is None and kw.get("proposal") is None:
+            kw["proposal"] = prog.proposal
+        return pplalign.smc(k, prog.target(r, beta), num_particles, **kw)
+
+    return jax.vmap(one)(keys, caches)
+
+
+def _split_prompts(batched, reward, twist) -> list:
+    out = []
+    for b in range(batched.log_Z.shape[0]):
+        one = jax.tree_util.tree_map(lambda a: a[b], batched)
+        try:
+            raise_on_nonfinite(one, reward, twist)
+        except ValueError as e:
+            raise ValueError(f"prompt {b}: {e}") from None
+        out.append(one)
+    return out
+
+
+# arrays are traced, functions, ints and strings are the compile key: one compile per configuration
+_many_prompts_jit = filter_jit(_many_prompts_impl)
