@@ -33,7 +33,6 @@ import json
 import os
 import time
 
-
 # Published shapes (config.json of gpt2 and meta-llama/Llama-3.2-1B), for speed without a download.
 RANDOM_CONFIGS = {
     "gpt2-small": dict(model_type="gpt2", vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024),
