@@ -15,6 +15,7 @@ the key and the configuration), samples and gathers the particles to every proce
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -94,8 +95,6 @@ def initialize(
         try:
             jax.distributed.initialize(coordinator_address, num_processes, process_id, **jax_kwargs)
         except ValueError as e:
-            import os
-
             # JAX's auto-detection found no cluster (its first check is the coordinator address): run alone
             if explicit or os.environ.get("JAX_COORDINATOR_ADDRESS") or "coordinator_address" not in str(e):
                 raise
@@ -241,6 +240,9 @@ def sharded_vmap(fn: Callable, mesh: Optional[Mesh] = None) -> Callable:
 
     def batched(*args):
         m = particle_mesh() if mesh is None else mesh
+        sizes = {leaf.shape[0] for leaf in jax.tree_util.tree_leaves(args) if getattr(leaf, "ndim", 0)}
+        if any(size % m.devices.size for size in sizes):
+            raise ValueError(f"sharded_vmap: batch size {sorted(sizes)} is not divisible by the mesh's {m.devices.size} devices")
         return constrain_particles(jax.vmap(fn)(*constrain_particles(args, m)), m)
 
     return jax.jit(batched)
