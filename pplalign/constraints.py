@@ -328,13 +328,28 @@ class ConstraintTwist:
 
     def candidates(self, state: ConstrainedState, t) -> jax.Array:
         scores = self.program.automaton.log_psi_next(state.q, self._steps_left(t))
-        if self.inner is None:
-            return scores
+        if self.inner is not None:
+            scores = scores + self._inner_candidates(state, t, scores.shape[0])
+        return self._doomed_last_step(state, t, scores)
+
+    def _inner_candidates(self, state: ConstrainedState, t, k: int) -> jax.Array:
         if hasattr(self.inner, "candidates"):
-            return scores + jnp.asarray(self.inner.candidates(state.base, t), jnp.float32)
+            return jnp.asarray(self.inner.candidates(state.base, t), jnp.float32)
         base = self.program.base
-        cand = jax.vmap(lambda v: base.update(state.base, v, t))(jnp.arange(scores.shape[0]))
-        return scores + jax.vmap(lambda s: jnp.asarray(self.inner(s, t), jnp.float32))(cand)
+        cand = jax.vmap(lambda v: base.update(state.base, v, t))(jnp.arange(k))
+        return jax.vmap(lambda s: jnp.asarray(self.inner(s, t), jnp.float32))(cand)
+
+    def _doomed_last_step(self, state: ConstrainedState, t, scores: jax.Array) -> jax.Array:
+        """At the last step, a particle none of whose allowed tokens has p₀ > 0 gets ψ ≡ 1 instead of ≡ 0.
+
+        Its weight is zero either way (the drawn token is outside L and the final potential, the indicator,
+        is −inf); this only keeps smc's last-step weight log Σp₀ψ − log ψ_{T−2} + r − log ψ(x) from being
+        −inf + ∞ = NaN, which it would report as a bad twist instead of a zero weight."""
+        logits = getattr(self.program.base.transition(state.base, t), "logits", None)
+        if logits is None:
+            return scores
+        doomed = ~jnp.any(jnp.isfinite(scores) & jnp.isfinite(logits)) & (jnp.asarray(t) == self.program.num_steps - 1)
+        return jnp.where(doomed, 0.0, scores)
 
 
 def _program_vocab_size(program: Any) -> Optional[int]:

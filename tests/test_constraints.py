@@ -149,6 +149,17 @@ def test_all_particles_dead_gives_all_zero_without_nan(automaton):
     lm = MarkovLM(log_init, jnp.log(jnp.asarray(trans)), 5)
     target, twist = constrain(lm, automaton)
     p = pplalign.smc(jax.random.key(0), target, N, twist=twist)  # N as above: the compiled run is reused
+    _assert_all_zero(p)
+    # death at the last step: '[abc]+d' needs a final 'd', which this p₀ never draws (padded to the same
+    # shape, so the compiled run is reused)
+    trans = np.full((4, 4), 1 / 3)
+    trans[:, 3] = 0.0
+    lm = MarkovLM(jnp.full((4,), -np.log(4.0)), jnp.log(jnp.asarray(trans)), 5)
+    target, twist = constrain(lm, regex_automaton(VOCAB, r"[abc]+d").padded(automaton.num_states))
+    _assert_all_zero(pplalign.smc(jax.random.key(0), target, N, twist=twist))
+
+
+def _assert_all_zero(p):
     assert bool(p.all_zero)
     assert float(p.log_Z) == -np.inf
     assert not np.isnan(np.asarray(p.log_weights)).any() and not np.isnan(float(p.log_Z))
