@@ -109,15 +109,14 @@ class TokenAutomaton:
         num_states = len(labels) + 1 + bool(end_ids)
         _check_memory(num_states, vocab_size, max_table_bytes, description)
         table = np.zeros((num_states, vocab_size), np.int32)
-        specials = set(end_ids) | ({int(pad_id)} if end_ids else set())
+        specials = np.asarray(sorted(set(end_ids) | ({int(pad_id)} if end_ids else set())), np.int64)
         for label, moves in transitions.items():
-            row = index[label]
-            for token, nxt in moves.items():
-                token = int(token)
-                if not 0 <= token < vocab_size:
-                    raise ValueError(f"token id {token} lies outside the vocabulary of {vocab_size}")
-                if token not in specials:
-                    table[row, token] = index[nxt]
+            tokens = np.fromiter(moves.keys(), np.int64, len(moves))
+            targets = np.fromiter((index[n] for n in moves.values()), np.int32, len(moves))
+            if tokens.size and not (0 <= tokens.min() and tokens.max() < vocab_size):
+                raise ValueError(f"token ids {tokens.min()}..{tokens.max()} lie outside the vocabulary of {vocab_size}")
+            keep = ~np.isin(tokens, specials)  # end and pad moves follow the ENDED rule below
+            table[index[label], tokens[keep]] = targets[keep]
         final = np.zeros(num_states, bool)
         final[[index[a] for a in accepting]] = True
         if end_ids:
