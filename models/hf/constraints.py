@@ -126,19 +126,26 @@ def text_of(tokenizer: Any, ids: Sequence[int]) -> str:
     return b"".join(out).decode("utf-8", errors="replace")
 
 
-def _outlines_vocabulary(vocab: TokenVocabulary):
+def _outlines_vocabulary(vocab: TokenVocabulary, sentinel: int):
     from outlines_core import Vocabulary
 
-    entries: dict[bytes, list[int]] = {}
+    entries: dict[bytes, list[int]] = {b"\x00": [sentinel]}
     for i, tok in enumerate(vocab.tokens):
         if tok:  # None (special) and b"" are no text
             entries.setdefault(tok, []).append(i)
-    return Vocabulary(_outlines_eos(vocab), entries)
+    # outlines-core wants one end id outside the map (an unused id when the vocabulary has none)
+    eos = int(vocab.eos_ids[0]) if vocab.eos_ids else vocab.vocab_size
+    return Vocabulary(eos, entries)
 
 
-def _outlines_eos(vocab: TokenVocabulary) -> int:
-    """outlines-core wants one end id outside the map (an unused id when the vocabulary has none)."""
-    return int(vocab.eos_ids[0]) if vocab.eos_ids else vocab.vocab_size
+def _anchored(pattern: str) -> str:
+    r"""The pattern outlines-core indexes: ``\x00(?:pattern)\z``, whose state after the sentinel NUL is ours.
+
+    outlines-core walks a leftmost-first DFA, which drops the continuations after a first match unless the
+    pattern is anchored at the end (``a[ab]*b`` would refuse "abab"); ``\z`` does that, and the leading sentinel
+    keeps the DFA's start state universal (``(?:[^c]*)\z`` alone has none, since it matches the empty text).
+    With both, the table accepts exactly what ``re.fullmatch`` accepts (tests/test_constraints.py)."""
+    return f"\\x00(?:{pattern})\\z"
 
 
 def regex_automaton(tokenizer: Any, pattern: str, *, vocab_size: Optional[int] = None, must_end: bool = True,
@@ -154,17 +161,20 @@ def regex_automaton(tokenizer: Any, pattern: str, *, vocab_size: Optional[int] =
 
     vocab = vocabulary(tokenizer, vocab_size)
     what = description or f"regex {pattern!r}"
+    sentinel = vocab.vocab_size + 1  # an id outside the table, spelling the NUL byte
     try:
-        # anchored at the end of the text: outlines-core walks a leftmost-first DFA, which (unanchored) drops the
-        # continuations after a first match, e.g. "abab" for a[ab]*b; with \z its language is re.fullmatch's
-        index = Index(f"(?:{pattern})\\z", _outlines_vocabulary(vocab))
+        index = Index(_anchored(pattern), _outlines_vocabulary(vocab, sentinel))
     except (ValueError, TypeError) as e:
         raise ValueError(f"{what} gives no token automaton over this vocabulary ({vocab.vocab_size} tokens): {e}") from None
-    # outlines-core's own end-token moves are dropped: the ENDED rule of pplalign.constraints replaces them
-    eos = _outlines_eos(vocab)
-    transitions = {q: {v: n for v, n in moves.items() if v != eos} for q, moves in index.get_transitions().items()}
+    moves = index.get_transitions()
+    start = moves.get(index.get_initial_state(), {}).get(sentinel)
+    if start is None:
+        raise ValueError(f"{what} gives no token automaton over this vocabulary ({vocab.vocab_size} tokens)")
+    # outlines-core's own end-token moves (and the sentinel's) are dropped: the ENDED rule replaces them
+    transitions = {q: {v: n for v, n in m.items() if v < vocab.vocab_size and v not in vocab.eos_ids}
+                   for q, m in moves.items() if q != index.get_initial_state()}
     # from_transitions counts the states and refuses a table over max_table_bytes before allocating it
-    auto = TokenAutomaton.from_transitions(transitions, index.get_initial_state(), sorted(index.get_final_states()),
+    auto = TokenAutomaton.from_transitions(transitions, start, sorted(index.get_final_states()),
                                            vocab.vocab_size, end_ids=vocab.eos_ids, pad_id=vocab.pad_id,
                                            must_end=must_end, vocab_hash=vocab.hash, description=what,
                                            max_table_bytes=max_table_bytes)
