@@ -126,6 +126,8 @@ def _propose_one(target: Tilted, twist, proposal, key, state, log_psi_prev, t, l
         if last and cand_states is None:
             r, bad_r = final_potential(new_state)
             log_g = log_g + r - log_psi
+            # no candidate had mass (log_norm = −inf; x fell back to p₀): a zero weight, not −inf − (−inf)
+            log_g = jnp.where(jnp.isfinite(log_norm), log_g, -jnp.inf)
             bad = bad.at[0].set(bad_r)
             log_psi = r
         return new_state, log_g, log_psi, bad

@@ -268,3 +268,25 @@ def test_many_names_the_invalid_beta_of_a_batch(markov):
     targets = jax.vmap(lambda b: pplalign.Tilted(lm, reward, b))(jnp.array([1.0, -1.0]))
     with pytest.raises(ValueError, match="target 1 of the batch: beta"):
         pplalign.many(jax.random.PRNGKey(0), targets, 4)
+
+
+def test_last_step_with_no_candidate_mass_is_a_zero_weight_not_nan():
+    """A twist whose candidates give every next value ψ = 0 at the last step: the particle's weight is zero
+    (all_zero, log Z = −inf), not −inf − (−inf) = NaN blamed on the twist."""
+    import jax
+    import jax.numpy as jnp
+
+    import pplalign
+    from models.markov_lm import random_markov_lm
+
+    class Doomed:
+        def __call__(self, state, t):
+            return jnp.zeros(())
+
+        def candidates(self, state, t):
+            return jnp.where(t == 2, -jnp.inf, 0.0) * jnp.ones((3,))
+
+    jax.tree_util.register_pytree_node(Doomed, lambda d: ((), None), lambda _, c: Doomed())
+    lm = random_markov_lm(jax.random.key(0), vocab_size=3, num_steps=3)
+    out = pplalign.smc(jax.random.key(1), pplalign.tilt(lm, lambda x: jnp.zeros(()), 1.0), 8, twist=Doomed())
+    assert bool(out.all_zero) and float(out.log_Z) == -float("inf") and not bool(out.nonfinite_twist)
