@@ -1,6 +1,7 @@
 """pplalign: generation as Bayesian inference in reward-tilted targets σ ∝ p₀·exp(r/β)."""
 
 from . import (
+    constraints,
     distributed,
     evaluation,
     guidance,
@@ -16,6 +17,7 @@ from . import (
     vi,
 )
 from .ancestral import ancestral_sample
+from .constraints import constrain
 from .csmc import csmc
 from .distributed import particle_mesh
 from .guidance import reward_guidance, tds
@@ -65,5 +67,7 @@ __all__ = [
     "metrics",
     "resampling",
     "distributed",
+    "constraints",
+    "constrain",
 ]
 __version__ = "0.1.0"
