@@ -25,7 +25,7 @@ def setup():
     judge, judge_tok = load_pretrained(FIXTURES / "qwen2")
     program = LMProgram.from_prompt(policy, "The little fox", T, tokenizer=tok)
     reward = JudgeReward.build(judge, judge_tok, program, template=TEMPLATE, yes=" the", policy_tokenizer=tok)
-    return policy, tok, judge, judge_tok, program, reward
+    return policy, tok, judge, judge_tok, program, reward, jax.jit(jax.vmap(reward))  # compiled once, reused
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +44,10 @@ def _full_forward(judge, judge_tok, x_ids):
 def test_cached_judge_equals_a_full_forward(setup):
     """With x unfinished, ended early, and ended at once (empty x): the cached prefix + decode path gives the
     full forward's log-probability to 1e-5; the pads after an end token never reach the judge."""
-    _, tok, judge, judge_tok, _, reward = setup
+    _, tok, judge, judge_tok, _, _, batched_reward = setup
     eos, pad = tok.eos_ids[0], tok.pad_id
     cases = [[258, 341, 259, 25], [258, 341, eos, pad], [eos, pad, pad, pad]]
-    batched = jax.jit(jax.vmap(reward))(jnp.asarray(cases))  # batched over particles, as the samplers call it
+    batched = batched_reward(jnp.asarray(cases))  # batched over particles, as the samplers call it
     for x, got in zip(cases, np.asarray(batched)):
         real = x[: x.index(eos)] if eos in x else x
         assert got == pytest.approx(_full_forward(judge, judge_tok, real), abs=1e-5)
@@ -56,9 +56,9 @@ def test_cached_judge_equals_a_full_forward(setup):
 def test_judge_steers_smc(setup):
     """bootstrap SMC with the judge as reward on the gpt2 fixture: finite log Ẑ ≤ 0 (r ≤ 0, so Z ≤ 1), every
     particle's reward in (−∞, 0]."""
-    _, _, _, _, program, reward = setup
+    _, _, _, _, program, reward, batched_reward = setup
     parts = pplalign.smc(jax.random.key(0), pplalign.tilt(program, reward, 1.0), 8)
-    r = np.asarray(jax.vmap(reward)(parts.samples))
+    r = np.asarray(batched_reward(jnp.asarray(parts.samples)))
     assert np.isfinite(float(parts.log_Z)) and float(parts.log_Z) <= 0.0
     assert np.all(np.isfinite(r)) and np.all(r <= 0.0)
 
@@ -67,7 +67,7 @@ def test_another_tokenizer_needs_explicit_retokenization(setup, stories):
     """The story model's word-level vocabulary (258) is not the gpt2 fixture's (400): refused, with the
     vocabularies compared when the policy's tokenizer is given and the sizes otherwise; an explicit
     ``retokenize`` (here a per-token table into the judge's ids) is accepted and scores like a full forward."""
-    _, tok, _, _, program, _ = setup
+    _, tok, _, _, program, _, _ = setup
     stories, stories_tok = stories
     kw = dict(template="{x} kind", yes=" happy", prompt="")
     with pytest.raises(ValueError, match="retokenize"):
@@ -88,7 +88,7 @@ def test_another_tokenizer_needs_explicit_retokenization(setup, stories):
 
 
 def test_bad_templates(setup, stories):
-    _, tok, judge, judge_tok, program, _ = setup
+    _, tok, judge, judge_tok, program, _, _ = setup
     with pytest.raises(ValueError, match="exactly once"):
         JudgeReward.build(judge, judge_tok, program, template="no slot", yes=" the")
     with pytest.raises(ValueError, match="one token"):
