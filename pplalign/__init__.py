@@ -15,6 +15,7 @@ from . import (
     tempered,
     twists,
     vi,
+    viewer,
 )
 from .ancestral import ancestral_sample
 from .constraints import constrain
@@ -69,5 +70,6 @@ __all__ = [
     "distributed",
     "constraints",
     "constrain",
+    "viewer",
 ]
 __version__ = "0.1.0"
