@@ -132,3 +132,17 @@ def test_program_without_tokenizer_uses_the_checkpoints_ids():
     program = LMProgram.from_prompt(model, [5, 6], 3, tokenizer=Smaller())
     mask = np.asarray(program.logit_mask)
     assert np.all(np.isneginf(mask[390:])) and np.all(np.isfinite(mask[:390][[5, 6, 100]]))
+
+
+def test_many_prompts_without_tokenizer_use_the_checkpoints_end_ids():
+    """smc_many_prompts on an HF model with id prompts and no tokenizer ends on the checkpoint's own end ids
+    (with force_eos every sequence ends with one), not on the in-house <eos> = 2."""
+    from models.lm.program import smc_many_prompts
+
+    model, tok = load_pretrained(FIXTURES / "llama")
+    out = smc_many_prompts(jax.random.key(0), model, [[396, 5, 6], [396, 7]], 3, lambda x: jnp.zeros(()), 8,
+                           cutoff="force_eos")
+    for p in out:
+        tokens = np.asarray(p.samples)
+        assert all(any(t in tok.eos_ids for t in row) for row in tokens), tokens
+        assert float(p.log_Z) > -np.inf

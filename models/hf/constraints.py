@@ -106,7 +106,8 @@ def vocabulary(tokenizer: Any, vocab_size: Optional[int] = None) -> TokenVocabul
                          f"{decoders or None} and model {model_type}")
     for text, i in tokenizer.backend.get_vocab(with_added_tokens=True).items():
         if i in added:
-            tokens[i] = None if added[i].special else text.encode()
+            # a non-special added token decodes like any other token of its kind (word-level: " word")
+            tokens[i] = None if added[i].special else (to_bytes(text) if joiner == b" " else text.encode())
         else:
             tokens[i] = to_bytes(text)
     for e in (*tokenizer.eos_ids, tokenizer.pad_id):

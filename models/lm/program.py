@@ -475,7 +475,9 @@ def smc_many_prompts(key: jax.Array, model: Transformer, prompts: Sequence[str |
         if tokenizer is None:
             raise ValueError("text prompts need a tokenizer")
         prompts = [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
-    eos_ids, pad_id, bos_id = special_ids(tokenizer)
+    eos_ids, pad_id, bos_id = special_ids(tokenizer, model)
+    if tokenizer is not None:  # as from_prompt: embedding rows beyond the tokenizer are never drawn
+        banned = [*banned, *range(tokenizer.vocab_size, model.cfg.vocab_size)]
     if cache_dtype := getattr(model, "cache_dtype", None):
         cache_dtype = jnp.dtype(cache_dtype)
     caches = prompt_caches(model, prompts, pad_to=pad_to, cache_dtype=cache_dtype or jnp.float32, pad_id=pad_id)
