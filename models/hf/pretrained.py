@@ -8,7 +8,6 @@ model is never initialised randomly first.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -68,16 +67,11 @@ def resolve(path_or_name: str | Path) -> Path:
 
 
 def _read_config(directory: Path) -> dict:
-    path = directory / "config.json"
-    if not path.exists():
+    from .tokenizer import _read_json
+
+    if not (directory / "config.json").exists():
         raise ValueError(f"{directory} has no config.json: not a Hugging Face model directory")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return cfg
+    return _read_json(directory / "config.json")
 
 
 def _special_ids_from_configs(directory: Path) -> tuple:
