@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
+
+from benchmarks._threads import pin_xla_cpu_threads
 
 # Published shapes (config.json of gpt2 and meta-llama/Llama-3.2-1B), for speed without a download.
 RANDOM_CONFIGS = {
@@ -89,9 +90,7 @@ def parse(argv=None):
 
 def main(argv=None):
     args = parse(argv)
-    if args.threads > 0:
-        flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={args.threads}"
+    pin_xla_cpu_threads(args.threads)
     import jax
     import jax.numpy as jnp
     import numpy as np

@@ -66,6 +66,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks._threads import pin_xla_cpu_threads
+
 ROOT = Path(__file__).resolve().parents[1]
 STORY_DIR = ROOT / "models" / "checkpoints" / "lm_stories_hf"
 WORKER = Path(__file__).with_name("_peer_llamppl_worker.py")
@@ -388,9 +390,7 @@ def parse(argv=None):
 
 def main(argv=None):
     args = parse(argv)
-    if args.threads > 0:
-        flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={args.threads}"
+    pin_xla_cpu_threads(args.threads)
     peer_python, why = find_peer(args.peer_python)
     if peer_python is None:
         print(f"peer_llamppl: the LLaMPPL peer is missing ({why}); timing pplalign alone. Pass --peer-python "
