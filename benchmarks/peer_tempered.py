@@ -1,21 +1,41 @@
-"""Reward-tempered SMC against peers on one shared target, measured in one run.
+"""Tempered SMC against blackjax (and importance sampling as the floor) on several static targets, in one run.
 
-Target: the conjugate Gaussian in D dimensions, z ~ N(μ0, s0² I), reward r(z) = −|z − y|²/(2τ²), β = 1, with
+Targets (``benchmarks._tempered_targets``): the conjugate Gaussian at D = 5 and 20 and the banana (twisted
+Gaussian) at D = 10, all with exact log Z, and Bayesian logistic regression on the breast-cancer data (D = 31)
+with a reference log Z. Each is a prior p(z) and a likelihood p(y | z); every method estimates log Z = log p(y)
+on the path π_λ ∝ p(z) p(y | z)^λ.
 
-    log Z = Σ_d [ ½ log(2πτ²) + log N(y_d; μ0, s0² + τ²) ]     (closed form).
+Methods, all with the same N particles, ESS target, HMC kernel family, number of moves per stage and leapfrog
+steps per move, systematic resampling:
 
-Compared, all with N particles:
-  * ours     — ``pplalign.tempered_smc`` on ``tilt(numpyro_model, r, 1)``, HMC moves (adaptive steps).
-  * blackjax — ``blackjax.adaptive_tempered_smc`` with the same ESS target, the same number of HMC moves and
-               leapfrog steps, a fixed step size (blackjax does not adapt it) of 0.5·posterior sd; log Ẑ is the
-               sum of its ``log_likelihood_increment``; the loop is a compiled ``lax.while_loop``.
-  * genjax   — ``genjax.init`` (importance sampling from the prior) on the same model written with the reward
-               as an observed Gaussian site y ~ N(z, τ²); its log Ẑ estimates log p(y) = log Z − D·½log(2πτ²),
-               which we shift back.
+  * ours        — ``pplalign.tempered.run_tempered`` on ``tilt(prior model, log p(y | ·), β = 1)``, adaptive
+                  λ schedule; its HMC step is per-coordinate, h = c · (weighted particle sd), c adapted
+                  between stages towards acceptance 0.65 (extra ``run_tempered`` options: ``--ours KEY=VALUE``).
+  * ours_fixed  — the same at a fixed schedule: the λ's of one adaptive pilot run (another key), then fresh
+                  keys. Ẑ is then exactly unbiased (Del Moral et al. 2006), so its mean log Ẑ error is the
+                  Jensen gap −Var(log Ẑ)/2 + …, and our mean error is reported with its standard error.
+  * blackjax    — ``blackjax.adaptive_tempered_smc`` with ``blackjax.hmc``, tuned between stages from the
+                  population as ``blackjax.inner_kernel_tuning`` does (its loop written out): the inverse mass matrix
+                  set to the particles' variances (``smc.tuning.from_particles``; equivalent to our
+                  per-coordinate sd scaling) and one step size per particle updated from its acceptance rate
+                  towards 0.65 (``smc.tuning.from_kernel_info.update_scale_from_acceptance_rate``), both
+                  started where ours start (prior variances, step D^{-1/4}). log Ẑ is the sum of its
+                  ``log_likelihood_increment``; the loop is a compiled ``lax.while_loop``.
+  * numpyro_is  — importance sampling from the prior with numpyro: ``Predictive`` draws z, ``log_likelihood``
+                  scores y; log Ẑ = log mean p(y | z_i).
+  * genjax_is   — ``genjax.init`` (importance sampling from the prior), on the Gaussian targets only (the model
+                  written in genjax, y an observed site).
 
-Each method is compiled once, then run ``--repeats`` times with fresh keys; we report the mean and sd of
-log Ẑ − log Z, the median time per run, and the ratios (peer / ours) of time and of RMSE of log Ẑ.
-Prints one JSON line last.
+Each method is compiled once (the first call, not timed), then run ``--repeats`` times with fresh keys, the
+methods in alternation so that the load of a shared machine hits them alike. For each
+target and method we report the mean log Ẑ − log Z with its standard error (sd/√R), the RMSE, the median
+seconds per run and the stages, and for each peer
+
+    accuracy_per_second_ratio = (RMSE_peer² · t_peer) / (RMSE_ours² · t_ours)
+
+(> 1: ours reaches a given accuracy in less time, as the variance of log Ẑ falls like 1/N and time grows
+like N). For the logistic target the RMSE is against the reference value, whose own standard error
+(``LOGISTIC_LOG_Z_SE``) is printed with it. Prints a table and one JSON line last.
 """
 
 from __future__ import annotations
@@ -23,159 +43,162 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-MU0, S0, TAU = 0.5, 1.5, 0.5
+from benchmarks._tempered_targets import Target, make_target
+from benchmarks._threads import pin_xla_cpu_threads
+from benchmarks._timing import interleaved_medians
+
+DEFAULT_TARGETS = ("gauss5", "gauss20", "logistic", "banana10")
+QUICK_TARGETS = ("gauss2",)
+HMC_ACCEPTANCE = 0.65  # the acceptance both samplers' step sizes are steered to
 
 
-def _time_runs(fn, keys):
-    jax.block_until_ready(fn(keys[0]))  # compile
-    out, times = [], []
-    for k in keys[1:]:
-        start = time.perf_counter()
-        value = jax.block_until_ready(fn(k))
-        times.append(time.perf_counter() - start)
-        out.append(float(value))
-    return np.asarray(out), statistics.median(times)
+def _time_methods(methods: dict, keys: list) -> tuple[dict, dict]:
+    """log Ẑ of every run and the median seconds per run of each method, the methods timed in alternation
+    (``_timing.interleaved_medians``: compile first, then run r of every method before run r + 1), so that
+    the load of a shared machine hits them alike. keys[0] is the compile call's, whose value is dropped."""
+    values = {name: [] for name in methods}
+
+    def recording(name, fn):
+        def run(key):
+            out = jax.block_until_ready(fn(key))
+            values[name].append(float(out))
+            return out
+
+        return run
+
+    times = interleaved_medians({n: recording(n, f) for n, f in methods.items()}, lambda r: (keys[r],),
+                                repeats=len(keys) - 1)
+    return {name: np.asarray(v[1:]) for name, v in values.items()}, times
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=5)
-    parser.add_argument("--particles", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--mcmc-steps", type=int, default=2)
-    parser.add_argument("--leapfrog", type=int, default=5)
-    parser.add_argument("--ess-target", type=float, default=0.5)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke run)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.dim, args.particles, args.repeats = 2, 64, 2
-
+def _parse_option(text: str):
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--ours takes KEY=VALUE; got {text!r}")
     try:
-        import blackjax
-    except ImportError:  # a bare GPU image may lack it: report the others
-        blackjax = None
-    try:
-        import genjax
-    except ImportError:
-        genjax = None
-    import numpyro
-    import numpyro.distributions as dist
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value  # a bare string, e.g. mcmc=mala
 
+
+# --- ours ---------------------------------------------------------------------------------------------------
+
+
+def ours_methods(target: Target, args, stages: dict) -> dict:
+    """``ours`` (adaptive λ) and ``ours_fixed`` (the λ's of one adaptive pilot run, then fixed)."""
     import pplalign
     from pplalign.tempered import run_tempered
 
-    d, n = args.dim, args.particles
-    y = jnp.linspace(-1.0, 2.0, d)
-    log_Z = float(jnp.sum(0.5 * jnp.log(2 * jnp.pi * TAU**2) + dist.Normal(MU0, math.sqrt(S0**2 + TAU**2)).log_prob(y)))
-    post_sd = math.sqrt(1.0 / (1.0 / S0**2 + 1.0 / TAU**2))
-    reward = lambda z: -0.5 * jnp.sum((z - y) ** 2) / TAU**2
+    tilted = pplalign.tilt(target.prior_model, target.log_likelihood, 1.0)
+    options = dict(
+        mcmc="hmc", num_mcmc_steps=args.mcmc_steps, num_leapfrog=args.leapfrog, ess_target=args.ess_target,
+        max_stages=args.max_stages, **dict(args.ours),
+    )
 
-    # --- ours -------------------------------------------------------------------------------------
-    def model():
-        return numpyro.sample("z", dist.Normal(MU0 * jnp.ones(d), S0).to_event(1))
-
-    target = pplalign.tilt(model, reward, 1.0)
-    stages = {}
-
-    # The compiled body of tempered_smc (the public call adds input checks, a few ms of Python per call).
     @jax.jit
-    def ours_jit(key):
-        p, info = run_tempered(
-            key, target, n, mcmc="hmc", num_mcmc_steps=args.mcmc_steps, num_leapfrog=args.leapfrog,
-            ess_target=args.ess_target, max_stages=100,
-        )
+    def adaptive(key):
+        p, info = run_tempered(key, tilted, args.particles, **options)
+        return p.log_Z, info.num_stages, info.lambdas
+
+    _, _, schedule = adaptive(jax.random.key(10_000))  # the pilot, on a key no timed run uses
+
+    @jax.jit
+    def fixed(key):
+        p, info = run_tempered(key, tilted, args.particles, schedule=schedule, **options)
         return p.log_Z, info.num_stages
 
-    def ours(key):
-        lz, steps = ours_jit(key)
-        stages["ours"] = int(steps)
-        return lz
+    def timed(name, fn):
+        def run(key):
+            out = fn(key)
+            stages[name] = int(out[1])
+            return out[0]
 
-    # --- blackjax ---------------------------------------------------------------------------------
-    methods = {"ours": ours}
-    if blackjax is not None:
-        methods["blackjax"] = _blackjax_method(blackjax, d, n, args, post_sd, reward, stages)
-    if genjax is not None:
-        methods["genjax_is"] = _genjax_method(genjax, d, n, y)
+        return run
 
-    keys = list(jax.random.split(jax.random.key(0), args.repeats + 1))
-    results = {}
-    for name, fn in methods.items():
-        lz, t = _time_runs(fn, keys)
-        err = lz - log_Z
-        results[name] = dict(
-            log_Z_err_mean=float(err.mean()),
-            log_Z_err_sd=float(err.std(ddof=1)) if len(err) > 1 else 0.0,
-            log_Z_rmse=float(np.sqrt(np.mean(err**2))),
-            time_s=t,
-            stages=stages.get(name),
+    return {"ours": timed("ours", adaptive), "ours_fixed": timed("ours_fixed", fixed)}
+
+
+# --- blackjax -----------------------------------------------------------------------------------------------
+
+
+def blackjax_method(blackjax, target: Target, args, stages: dict):
+    """blackjax's adaptive tempered SMC with HMC, tuned between stages from the population.
+
+    This is the loop of ``blackjax.inner_kernel_tuning`` written out, because its ``mcmc_parameter_update_fn``
+    sees the new SMC state but not the previous parameters, which an acceptance-driven step update needs:
+    each stage builds ``adaptive_tempered_smc`` with the current parameters, steps it, then sets the inverse
+    mass matrix to the particles' variances and scales each particle's step size by its acceptance rate with
+    blackjax's ``update_scale_from_acceptance_rate``."""
+    from blackjax.smc.tuning.from_kernel_info import update_scale_from_acceptance_rate
+
+    n, d = args.particles, target.dim
+    kernel = blackjax.hmc.build_kernel()
+
+    def smc_with(step_size, inverse_mass):
+        # leading axis N: one value per particle; leading axis 1: shared by all particles
+        params = dict(step_size=step_size, inverse_mass_matrix=inverse_mass[None],
+                      num_integration_steps=jnp.full((1,), args.leapfrog))
+        return blackjax.adaptive_tempered_smc(
+            target.log_prior, target.log_likelihood, kernel, blackjax.hmc.init, params,
+            blackjax.smc.resampling.systematic, args.ess_target, num_mcmc_steps=args.mcmc_steps,
         )
-    ours_r = results["ours"]
-    ratios = {}
-    for peer in ("blackjax", "genjax_is"):
-        if peer in results:
-            ratios[f"time_ratio_{peer}_over_ours"] = results[peer]["time_s"] / ours_r["time_s"]
-            ratios[f"rmse_ratio_{peer}_over_ours"] = results[peer]["log_Z_rmse"] / max(ours_r["log_Z_rmse"], 1e-12)
-    summary = dict(
-        benchmark="peer_tempered",
-        dim=d,
-        particles=n,
-        repeats=args.repeats,
-        backend=jax.default_backend(),
-        log_Z=log_Z,
-        **{f"{k}_{m}": v for k, r in results.items() for m, v in r.items()},
-        **ratios,
-    )
-    for name, r in results.items():
-        print(f"{name:10s} log Ẑ − log Z = {r['log_Z_err_mean']:+.4f} ± {r['log_Z_err_sd']:.4f}  "
-              f"time {r['time_s'] * 1e3:8.1f} ms  stages {r['stages']}")
-    print(json.dumps(summary))
-    return summary
-
-
-def _blackjax_method(blackjax, d, n, args, post_sd, reward, stages):
-    logprior = lambda z: jnp.sum(jax.scipy.stats.norm.logpdf(z, MU0, S0))
-    params = blackjax.smc.extend_params(
-        dict(step_size=0.5 * post_sd, inverse_mass_matrix=jnp.ones(d), num_integration_steps=args.leapfrog)
-    )
-    smc = blackjax.adaptive_tempered_smc(
-        logprior, reward, blackjax.hmc.build_kernel(), blackjax.hmc.init, params,
-        blackjax.smc.resampling.systematic, args.ess_target, num_mcmc_steps=args.mcmc_steps,
-    )
 
     @jax.jit
     def bj(key):
         k0, k1 = jax.random.split(key)
-        state = smc.init(MU0 + S0 * jax.random.normal(k0, (n, d)))
+        z0 = target.sample_prior(k0, n)
+        step0, inv_mass0 = jnp.full((n,), d**-0.25), jnp.var(z0, axis=0)
+        carry = (smc_with(step0, inv_mass0).init(z0), step0, inv_mass0, jnp.zeros(()), jnp.zeros((), jnp.int32))
 
         def cond(c):
-            return c[0].tempering_param < 1.0
+            return (c[0].tempering_param < 1.0) & (c[4] < args.max_stages)
 
         def body(c):
-            state, log_Z, i = c
-            state, info = smc.step(jax.random.fold_in(k1, i), state)
-            return state, log_Z + info.log_likelihood_increment, i + 1
+            state, step, inv_mass, log_Z, i = c
+            state, info = smc_with(step, inv_mass).step(jax.random.fold_in(k1, i), state)
+            # update_info.acceptance_rate is [N, num_mcmc_steps]; particles were resampled before the moves,
+            # so row i is the chain that now holds particle i
+            acc = jnp.mean(info.update_info.acceptance_rate, axis=-1)
+            step = update_scale_from_acceptance_rate(step, acc, HMC_ACCEPTANCE)
+            return state, step, jnp.var(state.particles, axis=0), log_Z + info.log_likelihood_increment, i + 1
 
-        _, lz, steps = jax.lax.while_loop(cond, body, (state, jnp.zeros(()), jnp.zeros((), jnp.int32)))
-        return lz, steps
+        c = jax.lax.while_loop(cond, body, carry)
+        return c[3], c[4]
 
-    def blackjax_run(key):
+    def run(key):
         lz, steps = bj(key)
         stages["blackjax"] = int(steps)
         return lz
 
-    return blackjax_run
+    return run
 
 
-def _genjax_method(genjax, d, n, y):
-    """genjax importance sampling from the prior on the model with the reward as an observed site."""
+# --- importance sampling floors -----------------------------------------------------------------------------
+
+
+def numpyro_is_method(target: Target, n: int):
+    from numpyro.infer import Predictive
+    from numpyro.infer.util import log_likelihood
+
+    @jax.jit
+    def run(key):
+        draws = Predictive(target.numpyro_model, num_samples=n, return_sites=["z"])(key)
+        ll = log_likelihood(target.numpyro_model, draws)["y"]
+        return jax.nn.logsumexp(ll) - math.log(n)
+
+    return run
+
+
+def genjax_gaussian_method(genjax, target: Target, n: int):
+    """genjax importance sampling from the prior on the conjugate Gaussian, y an observed site."""
+    from benchmarks._tempered_targets import MU0, S0, TAU
+
+    d = target.dim
 
     @genjax.gen
     def g_model():
@@ -184,14 +207,115 @@ def _genjax_method(genjax, d, n, y):
         genjax.multivariate_normal(z, TAU**2 * jnp.eye(d)) @ "y"
         return z
 
-    shift = d * 0.5 * math.log(2 * math.pi * TAU**2)
-
     @jax.jit
-    def gj(key):
-        pc = genjax.seed(lambda: genjax.init(g_model, (), genjax.const(n), {"y": y}))(key)
-        return pc.log_marginal_likelihood() + shift
+    def run(key):
+        pc = genjax.seed(lambda: genjax.init(g_model, (), genjax.const(n), {"y": target.data}))(key)
+        return pc.log_marginal_likelihood()
 
-    return gj
+    return run
+
+
+# --- the run ------------------------------------------------------------------------------------------------
+
+
+def _summarise(lz: np.ndarray, log_Z: float, t: float, stages) -> dict:
+    err = lz - log_Z
+    sd = float(err.std(ddof=1)) if len(err) > 1 else 0.0
+    return dict(
+        log_Z_err_mean=float(err.mean()),
+        log_Z_err_se=sd / math.sqrt(len(err)),
+        log_Z_err_sd=sd,
+        log_Z_rmse=float(np.sqrt(np.mean(err**2))),
+        time_s=t,
+        stages=stages,
+    )
+
+
+def run_target(target: Target, args, peers) -> dict:
+    stages = {}
+    methods = ours_methods(target, args, stages)
+    if peers.get("blackjax") is not None:
+        methods["blackjax"] = blackjax_method(peers["blackjax"], target, args, stages)
+    methods["numpyro_is"] = numpyro_is_method(target, args.particles)
+    if peers.get("genjax") is not None and target.name.startswith("gauss"):
+        methods["genjax_is"] = genjax_gaussian_method(peers["genjax"], target, args.particles)
+    keys = list(jax.random.split(jax.random.key(args.seed), args.repeats + 1))
+    log_zs, times = _time_methods(methods, keys)
+    results = {name: _summarise(log_zs[name], target.log_Z, times[name], stages.get(name)) for name in methods}
+    ours = results["ours"]
+    for name, r in results.items():
+        if name != "ours":
+            r["accuracy_per_second_ratio"] = (r["log_Z_rmse"] ** 2 * r["time_s"]) / max(
+                ours["log_Z_rmse"] ** 2 * ours["time_s"], 1e-30
+            )
+    return dict(dim=target.dim, log_Z=target.log_Z, log_Z_ref_se=target.log_Z_se, methods=results)
+
+
+def print_table(per_target: dict) -> None:
+    head = f"{'target':10s} {'method':11s} {'mean err ± se':>18s} {'RMSE':>8s} {'ms/run':>9s} {'stages':>6s} {'acc/s ratio':>11s}"
+    print(head)
+    print("-" * len(head))
+    for tname, res in per_target.items():
+        for name, r in res["methods"].items():
+            ratio = r.get("accuracy_per_second_ratio")
+            print(f"{tname:10s} {name:11s} {r['log_Z_err_mean']:+9.4f} ± {r['log_Z_err_se']:6.4f} "
+                  f"{r['log_Z_rmse']:8.4f} {r['time_s'] * 1e3:9.1f} {str(r['stages']):>6s} "
+                  f"{'' if ratio is None else f'{ratio:11.2f}'}")
+        if res["log_Z_ref_se"]:
+            print(f"{'':10s} (log Z = {res['log_Z']:.4f} is a reference value, ± {res['log_Z_ref_se']:.4f})")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", nargs="+", help=f"gauss<D>, banana<D>, logistic (default: {' '.join(DEFAULT_TARGETS)})")
+    parser.add_argument("--dim", type=int, nargs="+", help="replace the gauss<D> targets by these dimensions")
+    parser.add_argument("--particles", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--mcmc-steps", type=int, default=2)
+    parser.add_argument("--leapfrog", type=int, default=5)
+    parser.add_argument("--ess-target", type=float, default=0.5)
+    parser.add_argument("--max-stages", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ours", type=_parse_option, action="append", default=[], metavar="KEY=VALUE",
+                        help="extra keyword for pplalign.tempered.run_tempered (JSON value), repeatable")
+    parser.add_argument("--threads", type=int, default=1, help="XLA CPU threads (0: XLA's default)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke run)")
+    args = parser.parse_args(argv)
+    pin_xla_cpu_threads(args.threads)
+    if args.quick:
+        args.particles, args.repeats, args.max_stages = 64, 3, 20
+    args.targets = list(args.targets or (QUICK_TARGETS if args.quick else DEFAULT_TARGETS))
+    if args.dim:
+        args.targets = [t for t in args.targets if not t.startswith("gauss")] + [f"gauss{d}" for d in args.dim]
+    if args.repeats < 2:
+        raise ValueError(f"--repeats must be >= 2 (a standard error needs two runs); got {args.repeats}")
+
+    peers = {}
+    for name in ("blackjax", "genjax"):
+        try:  # a bare GPU image may lack them: report the others
+            peers[name] = __import__(name)
+        except ImportError:
+            peers[name] = None
+
+    per_target = {name: run_target(make_target(name), args, peers) for name in args.targets}
+    print_table(per_target)
+    summary = dict(
+        benchmark="peer_tempered",
+        particles=args.particles,
+        repeats=args.repeats,
+        mcmc_steps=args.mcmc_steps,
+        leapfrog=args.leapfrog,
+        ess_target=args.ess_target,
+        ours_options=dict(args.ours),
+        backend=jax.default_backend(),
+        accuracy_per_second_ratio={
+            t: r["methods"]["blackjax"]["accuracy_per_second_ratio"] for t, r in per_target.items()
+            if "blackjax" in r["methods"]
+        },
+        targets=per_target,
+    )
+    print(json.dumps(summary))
+    return summary
 
 
 if __name__ == "__main__":
