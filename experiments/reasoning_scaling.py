@@ -27,6 +27,12 @@ Budget n = n sequences of T tokens, i.e. n·T LM transitions (NFE), for every me
   step score (DESIGN §8); ESS-adaptive systematic resampling; answer by weighted majority
   over the final particles.
 
+Compute is reported on three axes (:mod:`pplalign.search.budget`): ``nfe`` (LM transitions), ``policy_tokens``
+(tokens the policy drew up to and including ``<eos>``: a sampler that stops a finished sequence spends no more;
+the SMC methods advance every particle for all T steps, so theirs is n·T) and ``verifier_calls`` (PRM forward
+passes over prompt + prefix: one per sample for the ORM/PRM readings, one per particle and step boundary plus
+the final ranking for beam search and the particle filter).
+
 To cut the Monte Carlo error, budget n is evaluated on R = n_max/n disjoint groups of samples (the
 sampling methods share one pool of n_max samples per problem) or R independent runs (beam, particles), and
 a problem's accuracy is the mean over them; the standard error is over problems.
@@ -111,8 +117,8 @@ def pick(method: str, answers, orm, prm):
     raise ValueError(method)
 
 
-# verifier passes (PRM forward passes over prompt + solution) per sample / particle, for the NFE table
-VERIFIER_PASSES = dict(greedy=0, best_of_n_orm=1, best_of_n_prm=1, majority=0, weighted_majority=1,
+# verifier calls (PRM forward passes over prompt + prefix) per sample / particle
+VERIFIER_CALLS = dict(greedy=0, best_of_n_orm=1, best_of_n_prm=1, majority=0, weighted_majority=1,
                        best_of_majority=1, beam_search=len(BOUNDARY_STEPS) + 1, particle_filter=len(BOUNDARY_STEPS) + 1)
 
 
@@ -143,6 +149,8 @@ def run(args):
     pass_at = np.zeros((len(budgets), num))  # oracle: some sample of the group is right (evaluation only)
     nfe = {m: [] for m in METHODS}
     verifier = {m: [] for m in METHODS}
+    tokens = {m: [] for m in METHODS}
+    lengths = np.minimum(last + 1, T)  # tokens drawn up to and including <eos>, per pool sample
     greedy_right = np.asarray([right(p, greedy[i]) for i, p in enumerate(problems)], float)
 
     def with_prm(program):
@@ -164,6 +172,7 @@ def run(args):
     for b, n in enumerate(tqdm(budgets, desc="budgets")):
         per_problem["greedy"][b] = greedy_right
         nfe["greedy"].append(T)
+        tokens["greedy"].append(float(np.minimum((greedy != 0).sum(-1), T).mean()))
         groups = nmax // n
         for i, p in enumerate(problems):
             pass_at[b, i] = np.mean([any(a == p.answer for a in answers[i][g * n:(g + 1) * n]) for g in range(groups)])
@@ -173,11 +182,13 @@ def run(args):
                         == p.answer for g in range(groups)]
                 per_problem[m][b, i] = np.mean(hits)
             nfe[m].append(n * T)
+            tokens[m].append(float(lengths[:, :groups * n].reshape(num, groups, n).sum(-1).mean()))
         reps = max(1, args.smc_particles // n)
         for m in ("beam_search", "particle_filter"):
             res = smc_runs(m, n, reps)
             samples, lw = np.asarray(res.samples), np.asarray(res.log_weights)  # [P, R, n, T], [P, R, n]
             nfe[m].append(int(np.asarray(res.nfe).reshape(-1)[0]))
+            tokens[m].append(float(n * T))  # every particle advances all T steps
             if m == "beam_search":  # rank the final beams by the ORM (one more verifier pass each)
                 final = prefix_scores(prm_model, tok, problems, samples.reshape(num, reps * n, T))
                 ends = np.maximum((samples != 0).sum(-1) - 1, 0).reshape(num, reps * n)
@@ -194,13 +205,13 @@ def run(args):
                     hits.append(choice == p.answer)
                 per_problem[m][b, i] = np.mean(hits)
         for m in METHODS:
-            verifier[m].append(VERIFIER_PASSES[m] * (1 if m == "greedy" else n))
+            verifier[m].append(VERIFIER_CALLS[m] * (1 if m == "greedy" else n))
     seconds = time.perf_counter() - start
     acc = {m: per_problem[m].mean(1).tolist() for m in METHODS}
     se = {m: (per_problem[m].std(1, ddof=1) / np.sqrt(num)).tolist() if num > 1 else [0.0] * len(budgets)
           for m in METHODS}
     pool_right = np.asarray([[a == p.answer for a in answers[i]] for i, p in enumerate(problems)], float)
-    return dict(budgets=budgets, accuracy=acc, stderr=se, nfe=nfe, verifier_passes=verifier, problems=num, steps=T,
+    return dict(budgets=budgets, accuracy=acc, stderr=se, nfe=nfe, policy_tokens=tokens, verifier_calls=verifier, problems=num, steps=T,
                 pass_at_n=pass_at.mean(1).tolist(),
                 beta=args.beta, smc_particles=args.smc_particles, seconds=seconds,
                 greedy_accuracy=float(greedy_right.mean()), sample_accuracy=float(pool_right.mean()),
@@ -234,26 +245,36 @@ def main(argv=None):
         rows.append(f"| {m} | " + " | ".join(cells) + " |")
     rows.append("| *pass@n (oracle bound of the pool methods)* | " + " | ".join(f"{a:.3f}" for a in result["pass_at_n"]) + " |")
     rows.append("| NFE (LM transitions, n·T) | " + " | ".join(str(n * T) for n in budgets) + " |")
+    rows += ["", "policy tokens / verifier calls at each budget:", "",
+             "| method | " + " | ".join(f"n={n}" for n in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    for m in METHODS:
+        cells = [f"{t:.0f} / {v}" for t, v in zip(result["policy_tokens"][m], result["verifier_calls"][m])]
+        rows.append(f"| {m} | " + " | ".join(cells) + " |")
     (out / "table.md").write_text("\n".join(rows) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for m in METHODS:
-        a, s = np.asarray(result["accuracy"][m]), np.asarray(result["stderr"][m])
-        x = np.asarray(result["nfe"][m]) if m != "greedy" else np.asarray(budgets) * T
-        ax.errorbar(x, a, yerr=s, marker="o", ms=3, capsize=2, label=m, ls="--" if m == "greedy" else "-")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel(f"NFE = LM transitions (n samples × T={T})")
-    ax.set_ylabel(f"accuracy ({result['problems']} problems, ± s.e.)")
-    ax.set_title("arithmetic chains: inference-time scaling")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
+    axis_of = (("nfe", f"NFE = LM transitions (n samples × T={T})"), ("policy_tokens", "policy tokens"),
+               ("verifier_calls", "verifier calls (PRM passes)"))
+    for ax, (name, label) in zip(axes, axis_of):
+        for m in METHODS:
+            a, s = np.asarray(result["accuracy"][m]), np.asarray(result["stderr"][m])
+            x = np.asarray(result[name][m], float)
+            if np.all(x > 0):  # greedy spends no verifier call: no point on a log axis
+                ax.errorbar(x, a, yerr=s, marker="o", ms=3, capsize=2, label=m, ls="--" if m == "greedy" else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(label)
+    axes[0].set_ylabel(f"accuracy ({result['problems']} problems, ± s.e.)")
+    axes[0].set_title("arithmetic chains: inference-time scaling")
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=120)
     print("\n".join(rows))
     print(json.dumps({"budgets": budgets, "accuracy": result["accuracy"], "stderr": result["stderr"], "nfe": result["nfe"],
+                      "policy_tokens": result["policy_tokens"], "verifier_calls": result["verifier_calls"],
                       "pass_at_n": result["pass_at_n"], "greedy_accuracy": result["greedy_accuracy"], "sample_accuracy": result["sample_accuracy"],
                       "problems": result["problems"], "seconds": result["seconds"]}))
 
