@@ -17,6 +17,11 @@ Extensions made here to genjax 1.0.14:
 * :func:`elbo` / :func:`iwae` — the ELBO and IWAE bounds of a genjax model and guide (genjax.vi ships the ELBO
   for its own optimiser loop; these return ``(params, key) -> (loss, terms)`` objectives for
   :func:`pplalign.vi.fit`).
+* :data:`independent_normal` — a model-side Normal over a whole array whose score is the *summed* log density
+  Σ_i log N(v_i; μ_i, σ_i). genjax's ``normal`` with array arguments returns an array score (which broadcasts
+  against the scalar scores of other addresses), so models used to fall back on ``multivariate_normal`` with a
+  diagonal covariance: the same density, but a Cholesky factorisation and triangular solves per draw. This is
+  what numpyro's ``Normal(...).to_event(1)`` or a ``plate`` computes.
 """
 
 from __future__ import annotations
@@ -27,11 +32,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from genjax import categorical, seed
+import tensorflow_probability.substrates.jax.distributions as tfd
+from genjax import categorical, seed, tfp_distribution
 from genjax.adev import Dual, expectation, reinforce
 from genjax.core import distribution
 
-__all__ = ["value", "categorical_reinforce", "elbo", "iwae", "as_objective"]
+__all__ = ["value", "categorical_reinforce", "independent_normal", "elbo", "iwae", "as_objective"]
 
 
 @jax.custom_jvp
@@ -58,6 +64,16 @@ categorical_reinforce = distribution(
     categorical.logpdf,
 )
 """Categorical(logits) whose gradient is the score-function (REINFORCE) estimator."""
+
+
+def _independent_normal(loc, scale):
+    base = tfd.Normal(loc, scale)
+    # every batch axis is an event axis, so log_prob is one scalar: the sum over elements
+    return tfd.Independent(base, reinterpreted_batch_ndims=len(base.batch_shape))
+
+
+independent_normal = tfp_distribution(_independent_normal, name="IndependentNormal")
+"""Independent Normal(loc, scale) over an array (loc, scale broadcast); score Σ_i log N(v_i; loc_i, scale_i)."""
 
 
 def _total(x: Any) -> jax.Array:
@@ -106,9 +122,15 @@ def as_objective(expect: Any, num_samples: int = 1, name: str = "adev_elbo") -> 
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be an int >= 1; got {num_samples!r}")
     # genjax's sampling sites must be seeded *outside* any JAX transformation, so the gradient is taken
-    # inside ``seed`` and handed to JAX as this function's JVP rule.
-    forward = seed(lambda p: value(expect, (p,)))
-    tangent = seed(lambda p, dp: jax.jvp(lambda q: value(expect, (q,)), (p,), (dp,)))
+    # inside ``seed`` and handed to JAX as this function's JVP rule. Both call ADEV's forward-mode estimate
+    # directly: ``seed`` does not reach into a ``custom_jvp`` primal (``seed(value)`` alone neither lowers
+    # under ``jit`` nor uses its key), and one dual evaluation gives the primal and the tangent together.
+    def _estimate(p, dp):
+        out = expect.jvp_estimate(*Dual.dual_tree((p,), (dp,)))
+        return out.primal, out.tangent
+
+    forward = seed(lambda p: _estimate(p, jtu.tree_map(jnp.zeros_like, p))[0])
+    tangent = seed(_estimate)
 
     @jax.custom_jvp
     def draw(key, params):
