@@ -125,14 +125,23 @@ def test_astar_exact_heuristic_reaches_optimum_directly(runs):
 
 @pytest.mark.parametrize("name", ["zero", "exact"])
 def test_astar_counts_are_exact(runs, name):
-    """policy_tokens = Σ over created nodes of the tokens of their step; verifier_calls = one per created
-    node; nfe = policy_tokens; a node's parent was popped before it and is not finished."""
+    """policy_tokens = Σ over created nodes of the tokens of their step; verifier_calls = one per distinct
+    created node (a duplicate of an earlier sibling is neither scored nor queued, and really repeats it);
+    nfe = policy_tokens; a node's parent was popped before it and is not finished."""
     r = runs[name]
     q = r.queue
     idx = _created(q)
     pos, par = np.asarray(q.position), np.asarray(q.parent)
     assert int(r.policy_tokens) == int((pos[idx] - pos[par[idx]]).sum())
-    assert int(r.verifier_calls) == len(idx) == int(q.num_nodes) - 1
+    dup = np.asarray(q.duplicate)
+    assert int(r.verifier_calls) == int((~dup[idx]).sum()) and dup[idx].any()
+    assert not np.asarray(q.popped_at)[idx][dup[idx]].max() >= 0
+    tokens = np.asarray(jax.vmap(Chain().output)(q.states))
+    for n in idx[dup[idx]]:
+        twins = [m for m in idx if par[m] == par[n] and m < n and not dup[m] and pos[m] == pos[n]]
+        assert any((tokens[m] == tokens[n]).all() for m in twins)
+    for n in idx[~dup[idx]]:  # a distinct child repeats no earlier sibling
+        assert not any((tokens[m] == tokens[n]).all() and pos[m] == pos[n] for m in idx if par[m] == par[n] and m < n)
     assert int(r.nfe) == int(r.policy_tokens)
     assert np.all(np.asarray(q.popped_at)[par[idx]] >= 0) and not np.asarray(q.finished)[par[idx]].any()
 

@@ -29,6 +29,10 @@ of a chain is unique, :func:`corpora.first_error`):
 computation from the LM.) The exact check makes labels and scores the experiment's answers; no inference
 method calls it.
 
+Step searches. :func:`step_tokens` gives the arithmetic chains' step delimiter (``;``) and end token
+(``<eos>``) for :mod:`pplalign.search` (A*-decoding, REBASE, MCTS), and :class:`StepPRM` reads the PRM as their
+``prm(state, t)``: v_t of the partial solution whose last token is x_t, one verifier call.
+
     python -m models.lm.reasoning --out-lm models/checkpoints/lm_arithmetic \\
         --out-prm models/checkpoints/lm_arithmetic_prm
 
@@ -53,17 +57,38 @@ import optax
 from . import corpora, train
 from .checkpoint import load_model, save_model
 from .program import LMProgram, ancestral_sample, prompt_caches, vmap_prompts
-from .rewards import prefix_values, verifier_log_probs
-from .tokenizer import PAD
+from .rewards import ProcessRewardModel, prefix_values, verifier_log_probs
+from .tokenizer import EOS, PAD
 from .transformer import LMConfig, Transformer
 
-__all__ = ["POLICY_CONFIG", "PRM_CONFIG", "sample_solutions", "label_prefixes", "prm_batches", "verifier_loss",
+__all__ = ["POLICY_CONFIG", "PRM_CONFIG", "StepPRM", "step_tokens", "sample_solutions", "label_prefixes", "prm_batches", "verifier_loss",
            "finetune_verifier", "prefix_scores",
            "roc_auc", "prm_auc", "greedy_accuracy"]
 
 T = corpora.SOLUTION_LEN
 POLICY_CONFIG = dict(d_model=32, num_layers=2, num_heads=4, d_ff=128, max_len=32)
 PRM_CONFIG = dict(d_model=64, num_layers=2, num_heads=4, d_ff=256, max_len=32)
+
+
+def step_tokens(tok) -> dict:
+    """``dict(delimiter=id of ";", end_token=<eos>)``: how the arithmetic solutions split into steps."""
+    return dict(delimiter=tok.encode(";", bos=False)[0], end_token=EOS)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepPRM:
+    """``prm(state, t)`` for the step searches on an :class:`LMProgram`: v_t = log P(every step of x_{≤t} is
+    right) from :class:`ProcessRewardModel` (≤ 0, non-increasing along a path: an A* path cost −v_t ≥ 0)."""
+
+    prm: ProcessRewardModel
+
+    @classmethod
+    def for_program(cls, prm_model: Transformer, program: LMProgram) -> "StepPRM":
+        return cls(ProcessRewardModel.for_program(prm_model, program))
+
+    def __call__(self, state, t) -> jax.Array:
+        return self.prm.at(state.tokens, t)
 
 
 def _programs(lm: Transformer, tok, problems):

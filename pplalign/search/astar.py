@@ -14,8 +14,10 @@ priority queue held as arrays over ``capacity`` node slots: every iteration of o
 open node of least f (ties to the lowest slot) and
 
 * if it is *finished* (end token or horizon), records it as a solution — the A* goal test on pop;
-* else expands it: k = ``num_children`` next steps drawn from p₀ (one batched draw), each scored once by
-  the verifier, pushed as open nodes with h = 0 when finished.
+* else expands it: k = ``num_children`` next steps drawn from p₀ (one batched draw); a step that repeats an
+  earlier sibling's is dropped (the same partial solution twice would only be popped twice: on a weak policy
+  most draws repeat the likeliest step, and without this the queue spends its budget on copies); each
+  distinct child is scored once by the verifier and pushed, with h = 0 when finished.
 
 Why the first solution is optimal. Step costs are ≥ 0 when u is non-increasing along paths; if h is
 consistent (h(n) ≤ c(n, m) + h(m) for every child m, and h = 0 on finished nodes; h = 0 is), f never
@@ -26,7 +28,8 @@ of p₀, so the optimum is over the sampled tree; with an exact h the search wal
 Budget and accounting (:mod:`.budget`): before an expansion the search checks that its worst case — k steps
 of at most min(``max_step_tokens``, T − t) tokens and k verifier calls — still fits ``token_budget`` and
 ``verifier_budget``; if not, it stops (``stopped``), so neither cap is ever exceeded. ``policy_tokens`` = the
-tokens drawn on live lanes (= ``nfe``); ``verifier_calls`` = k per expansion. The search also stops after
+tokens drawn on live lanes, duplicates included (= ``nfe``); ``verifier_calls`` = the distinct children
+scored (the batched implementation evaluates the verifier on all k lanes; a duplicate's value is its twin's). The search also stops after
 ``num_solutions`` solutions or when the queue is empty.
 
     astar(key, base, prm, config, heuristic=None) -> AStarResult
@@ -99,6 +102,7 @@ class AStarQueue(NamedTuple):
     position:  tokens drawn (t_n).       value: u(n) from the verifier (0 at the root).
     g, h:      path cost −u and heuristic (f = g + h).
     open_:     still in the queue.       finished: its step ended the solution.
+    duplicate: its step repeats an earlier sibling's (never queued, never scored).
     popped_at: the pop index at which it left the queue (−1: never).
     pop_f:     [capacity] f of the i-th pop (+inf after the last).
     num_nodes, num_pops: [] int32.
@@ -111,6 +115,7 @@ class AStarQueue(NamedTuple):
     g: jax.Array
     h: jax.Array
     open_: jax.Array
+    duplicate: jax.Array
     finished: jax.Array
     popped_at: jax.Array
     pop_f: jax.Array
@@ -139,9 +144,19 @@ class AStarResult(NamedTuple):
         """``ValueError`` if a verifier value of a created node is NaN or outside ``value_range``."""
         q = self.queue
         slots = jnp.arange(q.parent.shape[-1])
-        valid = (slots >= 1) & (slots < jnp.asarray(q.num_nodes)[..., None])
+        valid = (slots >= 1) & (slots < jnp.asarray(q.num_nodes)[..., None]) & ~jnp.asarray(q.duplicate)
         check_values(q.value, valid, value_range, "the verifier (prm)")
         return self
+
+
+def _duplicates(outputs, position) -> jax.Array:
+    """[k] bool: child j repeats an earlier sibling's step (same position and same output)."""
+    k = position.shape[0]
+    same = position[:, None] == position[None, :]
+    for leaf in jax.tree_util.tree_leaves(outputs):
+        flat = leaf.reshape(k, -1)
+        same &= jnp.all(flat[:, None] == flat[None, :], axis=-1)
+    return jnp.any(same & (jnp.arange(k)[None, :] < jnp.arange(k)[:, None]), axis=1)
 
 
 def _set_block(buf, start, new):
@@ -164,7 +179,7 @@ def _search(key, base, prm, heuristic, config: AStarConfig) -> AStarResult:
     h0 = h_of(root, jnp.asarray(0, jnp.int32))
     f32 = lambda fill: jnp.full((C,), fill, jnp.float32)
     q = AStarQueue(states, jnp.full((C,), -1, jnp.int32), jnp.zeros((C,), jnp.int32), f32(0.0),
-                   f32(0.0), f32(0.0).at[0].set(h0), jnp.zeros((C,), bool).at[0].set(True), jnp.zeros((C,), bool),
+                   f32(0.0), f32(0.0).at[0].set(h0), jnp.zeros((C,), bool).at[0].set(True), jnp.zeros((C,), bool), jnp.zeros((C,), bool),
                    jnp.full((C,), -1, jnp.int32), f32(jnp.inf), jnp.asarray(1, jnp.int32), jnp.asarray(0, jnp.int32))
     zero = jnp.asarray(0, jnp.int32)
     carry = (q, zero, zero, jnp.zeros((S,), jnp.int32), zero, jnp.asarray(False), jnp.asarray(False))
@@ -175,6 +190,7 @@ def _search(key, base, prm, heuristic, config: AStarConfig) -> AStarResult:
         out = jax.vmap(lambda kk: extend_step(kk, base, spec, parent, q.position[i]))(keys)
         u = jax.vmap(prm)(out.state, out.position - 1).astype(jnp.float32)
         h = jnp.where(out.finished, 0.0, jax.vmap(h_of)(out.state, out.position))
+        dup = _duplicates(jax.vmap(base.output)(out.state), out.position)
         n = q.num_nodes
         q = q._replace(
             states=jax.tree_util.tree_map(lambda buf, new: _set_block(buf, n, new), q.states, out.state),
@@ -183,11 +199,12 @@ def _search(key, base, prm, heuristic, config: AStarConfig) -> AStarResult:
             value=_set_block(q.value, n, u),
             g=_set_block(q.g, n, -u),
             h=_set_block(q.h, n, h),
-            open_=_set_block(q.open_, n, jnp.ones((k,), bool)),
+            open_=_set_block(q.open_, n, ~dup),
+            duplicate=_set_block(q.duplicate, n, dup),
             finished=_set_block(q.finished, n, out.finished),
             num_nodes=n + k,
         )
-        return q, jnp.sum(out.drawn)
+        return q, jnp.sum(out.drawn), k - jnp.sum(dup)
 
     def cond(c):
         return ~c[-2]
@@ -202,7 +219,7 @@ def _search(key, base, prm, heuristic, config: AStarConfig) -> AStarResult:
         worst = k * jnp.minimum(cap, T - q.position[i])
         fits = (tokens + worst <= max_tokens) & (calls + k <= max_calls) & (q.num_nodes + k <= C)
         pop = any_open & (goal | fits)
-        q, drawn = jax.lax.cond(pop & ~goal, expand, lambda q, i: (q, zero), q, i)
+        q, drawn, scored = jax.lax.cond(pop & ~goal, expand, lambda q, i: (q, zero, zero), q, i)
         q = q._replace(open_=q.open_.at[i].set(q.open_[i] & ~pop),
                        popped_at=q.popped_at.at[i].set(jnp.where(pop, q.num_pops, q.popped_at[i])),
                        pop_f=q.pop_f.at[q.num_pops].set(jnp.where(pop, q.g[i] + q.h[i], q.pop_f[q.num_pops])),
@@ -210,7 +227,7 @@ def _search(key, base, prm, heuristic, config: AStarConfig) -> AStarResult:
         record = pop & goal
         sols = sols.at[jnp.minimum(found, S - 1)].set(jnp.where(record, i, sols[jnp.minimum(found, S - 1)]))
         found = found + record
-        calls = calls + jnp.where(pop & ~goal, k, 0)
+        calls = calls + scored
         out_of_budget = any_open & ~goal & ~fits
         done = ~any_open | out_of_budget | (found >= S)
         return q, tokens + drawn, calls, sols, found, done, stopped | out_of_budget
