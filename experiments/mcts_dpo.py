@@ -43,7 +43,7 @@ def run(args) -> dict:
     held_out = corpora.sample_problems(np.random.default_rng([99, 7]), args.held_out)
     cfg = LoopConfig(iterations=args.iterations, problems_per_iteration=args.problems, mcts_iterations=args.mcts_iterations,
                      num_children=args.children, prm_weight=args.prm_weight, margin=args.margin, dpo_beta=args.beta,
-                     dpo_steps=args.dpo_steps, lr=args.lr)
+                     dpo_steps=args.dpo_steps, lr=args.lr, nll_weight=args.nll_weight)
     start = time.perf_counter()
     runs = {m: [] for m in MODES}
     for seed in args.seeds:
@@ -107,6 +107,7 @@ def main(argv=None):
     ap.add_argument("--beta", type=float, default=0.1, help="the DPO temperature")
     ap.add_argument("--dpo-steps", type=int, default=60)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--nll-weight", type=float, default=0.0, help="> 0: add the chosen steps' NLL (RPO); 0: plain DPO")
     ap.add_argument("--held-out", type=int, default=128)
     ap.add_argument("--eval-samples", type=int, default=8)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])

@@ -12,7 +12,8 @@ One iteration i, on-policy:
    (:func:`pplalign.search.mcts.step_preferences`): (prompt + prefix, better step, worse step);
 3. **fine-tune** π with the DPO loss (:func:`pplalign.vi.dpo.dpo_loss`) on the step log-probs
    log π(step | prompt, prefix) = Σ_{s ∈ step} log π(x_s | x_{<s}), the reference π_ref = π_i (the policy
-   that collected the pairs; ``reference="initial"`` keeps π_0), with AdamW.
+   that collected the pairs; ``reference="initial"`` keeps π_0), with AdamW; ``nll_weight`` > 0 adds the
+   chosen steps' negative log-likelihood (the anchor of iterative RPO, Pang et al. 2024).
 
 The offline variant collects every iteration's pairs once, up front, with the initial policy π_0 (the same
 problems and the same number of pairs per iteration) and runs the same fine-tuning on them: the difference
@@ -25,6 +26,7 @@ check: greedy accuracy and the mean accuracy of independent samples.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import NamedTuple, Optional
 
@@ -39,8 +41,7 @@ from pplalign.search.mcts import MCTSConfig, check_values, mcts, step_preference
 from pplalign.vi.dpo import dpo_loss, masked_log_prob
 
 from . import corpora
-from .program import LMProgram, prompt_caches
-from .reasoning import greedy_accuracy, sample_solutions
+from .program import LMProgram, ancestral_sample, prompt_caches, vmap_prompts
 from .rewards import ProcessRewardModel
 from .tokenizer import EOS, PAD
 from .transformer import Transformer
@@ -67,6 +68,7 @@ class LoopConfig:
     dpo_steps: int = 60
     batch_size: int = 32
     lr: float = 1e-4
+    nll_weight: float = 0.0  # > 0: add the chosen steps' NLL per token (RPO's anchor); 0: plain DPO
     reference: str = "previous"  # or "initial"
 
     def validate(self) -> None:
@@ -75,8 +77,8 @@ class LoopConfig:
         for name in ("iterations", "problems_per_iteration", "mcts_iterations", "num_children", "dpo_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        if not (self.dpo_beta > 0 and self.lr > 0 and self.margin >= 0):
-            raise ValueError("dpo_beta and lr must be > 0 and margin >= 0")
+        if not (self.dpo_beta > 0 and self.lr > 0 and self.margin >= 0 and self.nll_weight >= 0):
+            raise ValueError("dpo_beta and lr must be > 0, margin and nll_weight >= 0")
 
 
 def arithmetic_mcts_config(tok, cfg: LoopConfig) -> MCTSConfig:
@@ -165,47 +167,71 @@ def step_log_probs(model: Transformer, seqs: jax.Array, masks: jax.Array) -> jax
     return masked_log_prob(logits[:, :-1], seqs[:, 1:], masks[:, 1:])
 
 
-_step_log_probs = jax.jit(step_log_probs)
+@functools.lru_cache(maxsize=None)
+def _optimizer(lr: float):
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.0))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "lr", "beta", "nll_weight"))
+def _dpo_update(params, opt_state, ref_params, batch: PairData, *, graphdef, lr: float, beta: float, nll_weight: float):
+    def logps(p):
+        m = nnx.merge(graphdef, p)
+        return step_log_probs(m, batch.chosen, batch.chosen_mask), step_log_probs(m, batch.rejected, batch.rejected_mask)
+
+    def loss_fn(p):
+        chosen, rejected = logps(p)
+        nll = -jnp.sum(chosen) / jnp.maximum(jnp.sum(batch.chosen_mask), 1)  # per chosen token
+        return dpo_loss(chosen, rejected, ref_c, ref_r, beta) + nll_weight * nll
+
+    ref_c, ref_r = logps(ref_params)
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = _optimizer(lr).update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
 
 
 def dpo_finetune(model: Transformer, reference: Transformer, pairs: PairData, *, steps: int, beta: float,
-                 batch_size: int = 32, lr: float = 1e-4, seed: int = 0, progress: bool = True) -> tuple[Transformer, list[float]]:
-    """AdamW on the step-level DPO loss over minibatches of ``pairs`` (drawn with ``default_rng([seed, k])`` at
-    step k); the reference's log-probs are computed once. Returns (fine-tuned model, losses)."""
+                 batch_size: int = 32, lr: float = 1e-4, nll_weight: float = 0.0, seed: int = 0,
+                 progress: bool = True) -> tuple[Transformer, list[float]]:
+    """AdamW on the step-level DPO loss (plus ``nll_weight`` × the chosen steps' negative log-likelihood per
+    token, the anchor of iterative RPO, Pang et al. 2024; 0: plain DPO) over minibatches of ``batch_size`` pairs drawn with replacement
+    (``default_rng([seed, k])`` at step k; a fixed shape, so one compile serves every call). Returns
+    (fine-tuned model, losses)."""
     if len(pairs) == 0:
         raise ValueError("dpo_finetune needs at least one preference pair")
-    data = jax.tree_util.tree_map(jnp.asarray, pairs)
-    ref_c = _step_log_probs(reference, data.chosen, data.chosen_mask)
-    ref_r = _step_log_probs(reference, data.rejected, data.rejected_mask)
     graphdef, params = nnx.split(model, nnx.Param)
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.0))
-    opt_state = opt.init(params)
-
-    def loss_fn(p, idx):
-        m = nnx.merge(graphdef, p)
-        pc = step_log_probs(m, data.chosen[idx], data.chosen_mask[idx])
-        pr = step_log_probs(m, data.rejected[idx], data.rejected_mask[idx])
-        return dpo_loss(pc, pr, ref_c[idx], ref_r[idx], beta)
-
-    @jax.jit
-    def update(p, s, idx):
-        loss, grads = jax.value_and_grad(loss_fn)(p, idx)
-        updates, s = opt.update(grads, s, p)
-        return optax.apply_updates(p, updates), s, loss
-
+    _, ref_params = nnx.split(reference, nnx.Param)
+    opt_state = _optimizer(lr).init(params)
     losses = []
     for k in tqdm(range(steps), desc="DPO", disable=not progress, leave=False):
-        idx = jnp.asarray(np.random.default_rng([seed, k]).integers(len(pairs), size=min(batch_size, len(pairs))))
-        params, opt_state, loss = update(params, opt_state, idx)
+        idx = np.random.default_rng([seed, k]).integers(len(pairs), size=batch_size)
+        batch = PairData(*(jnp.asarray(a[idx]) for a in pairs))
+        params, opt_state, loss = _dpo_update(params, opt_state, ref_params, batch, graphdef=graphdef, lr=float(lr),
+                                              beta=float(beta), nll_weight=float(nll_weight))
         losses.append(float(loss))
     return nnx.merge(graphdef, params), losses
 
 
+def _draw(key, program, num: int, greedy: bool):
+    return ancestral_sample(key, program, num, greedy=greedy)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _sampler(num: int, greedy: bool):
+    # one function object per (num, greedy): vmap_prompts compiles once per function, and the policy's new
+    # weights after each DPO round reuse that compile
+    return functools.partial(_draw, num=num, greedy=greedy)
+
+
 def evaluate(lm: Transformer, tok, problems, key: jax.Array, num_samples: int = 8) -> dict:
     """Greedy accuracy and the mean accuracy of ``num_samples`` policy samples per problem (exact check)."""
-    samples = sample_solutions(key, lm, tok, problems, num_samples)
-    right = [[corpora.check_solution(p, s, tok)[1] == p.answer for s in ss] for p, ss in zip(problems, samples)]
-    return dict(greedy_accuracy=greedy_accuracy(lm, tok, problems), sample_accuracy=float(np.mean(right)))
+    caches = prompt_caches(lm, [tok.encode(p.prompt) for p in problems])
+    base = LMProgram.build(lm, jax.tree_util.tree_map(lambda a: a[0], caches), T)
+    out = {}
+    for name, num, greedy in (("greedy_accuracy", 1, True), ("sample_accuracy", num_samples, False)):
+        samples = np.asarray(vmap_prompts(_sampler(num, greedy), base, caches, key))
+        out[name] = float(np.mean([[corpora.check_solution(p, s, tok)[1] == p.answer for s in ss]
+                                   for p, ss in zip(problems, samples)]))
+    return out
 
 
 def training_problems(rng: np.random.Generator, num: int, held_out) -> list:
@@ -246,7 +272,8 @@ def run_loop(key: jax.Array, lm: Transformer, prm_model: Transformer, tok, held_
         losses = []
         if len(pairs):
             lm, losses = dpo_finetune(lm, reference, pairs, steps=cfg.dpo_steps, beta=cfg.dpo_beta,
-                                      batch_size=cfg.batch_size, lr=cfg.lr, seed=seed * 1000 + i, progress=progress)
+                                      batch_size=cfg.batch_size, lr=cfg.lr, nll_weight=cfg.nll_weight,
+                                      seed=seed * 1000 + i, progress=progress)
         history.append(dict(iteration=i + 1, pairs=len(pairs), dpo_loss_first=losses[0] if losses else None,
                             dpo_loss_last=float(np.mean(losses[-10:])) if losses else None, **cost,
                             **evaluate(lm, tok, held_out, eval_key, eval_samples)))
