@@ -59,6 +59,8 @@ def run(args) -> dict:
             se = a.std(0, ddof=1) / np.sqrt(len(a)) if len(a) > 1 else np.zeros(a.shape[1])
             summary[mode][metric] = dict(mean=a.mean(0).tolist(), stderr=se.tolist())
         summary[mode]["pairs"] = [float(np.mean([hist[i]["pairs"] for hist in runs[mode]])) for i in range(1, cfg.iterations + 1)]
+        summary[mode]["informative_pairs"] = [float(np.mean([hist[i]["pair_quality"]["informative"] for hist in runs[mode]]))
+                                              for i in range(1, cfg.iterations + 1)]
     return dict(config=dataclasses.asdict(cfg), seeds=list(args.seeds), held_out=len(held_out),
                 eval_samples=args.eval_samples, summary=summary, runs=runs, seconds=time.perf_counter() - start)
 
@@ -71,6 +73,8 @@ def table(result: dict) -> list[str]:
             s = result["summary"][mode][metric]
             rows.append(f"| {mode} | {metric} | " + " | ".join(f"{m:.3f} ± {e:.3f}" for m, e in zip(s["mean"], s["stderr"])) + " |")
         rows.append(f"| {mode} | pairs | – | " + " | ".join(f"{p:.0f}" for p in result["summary"][mode]["pairs"]) + " |")
+        rows.append(f"| {mode} | informative pairs (exact check) | – | "
+                    + " | ".join(f"{p:.2f}" for p in result["summary"][mode]["informative_pairs"]) + " |")
     return rows
 
 
@@ -96,7 +100,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a CI-sized run (1 iteration, 4 problems)")
+    ap.add_argument("--quick", action="store_true", help="a CI-sized run (2 iterations of 4 problems)")
     ap.add_argument("--out", default="results/mcts_dpo")
     ap.add_argument("--iterations", type=int, default=4)
     ap.add_argument("--problems", type=int, default=64, help="training problems per iteration")
@@ -114,8 +118,8 @@ def main(argv=None):
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
-        args.iterations, args.problems, args.mcts_iterations, args.dpo_steps = 1, 4, 4, 4
-        args.held_out, args.eval_samples, args.seeds = 8, 2, [0]
+        args.iterations, args.problems, args.mcts_iterations, args.dpo_steps = 2, 4, 3, 3
+        args.held_out, args.eval_samples, args.seeds = 4, 2, [0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = run(args)

@@ -256,7 +256,8 @@ def test_dpo_gradient_matches_finite_difference_on_the_markov_policy():
             pol, rf = (_markov_step_logps(x, seqs.reshape(-1, T), masks.reshape(-1, T)).reshape(2, -1) for x in (th, ref))
             return dpo_loss(pol[0], pol[1], rf[0], rf[1], beta)
 
-        grad = jax.grad(loss)(theta)
+        loss = jax.jit(loss)
+        grad = jax.jit(jax.grad(loss))(theta)
         flat, unravel = jax.flatten_util.ravel_pytree(theta)
         eps = 1e-5
         fd = np.asarray([(loss(unravel(flat.at[i].add(eps))) - loss(unravel(flat.at[i].add(-eps)))) / (2 * eps)

@@ -47,7 +47,7 @@ from .tokenizer import EOS, PAD
 from .transformer import Transformer
 
 __all__ = ["LoopConfig", "PairData", "arithmetic_mcts_config", "search_problems", "pairs_from_trees",
-           "step_log_probs", "dpo_finetune", "evaluate", "training_problems", "run_loop", "MODES"]
+           "pair_quality", "step_log_probs", "dpo_finetune", "evaluate", "training_problems", "run_loop", "MODES"]
 
 T = corpora.SOLUTION_LEN
 MODES = ("on_policy", "offline")
@@ -161,6 +161,26 @@ def pairs_from_trees(result, problems, tok, margin: float, seq_len: int) -> Pair
     return PairData(*(np.stack([r[j] for r in rows]) for j in range(4)))
 
 
+def pair_quality(result, problems, tok, margin: float) -> dict:
+    """Evaluation only (the exact check, never used for training): the fraction of the pairs whose shared
+    prefix is right and whose better step is right and worse step wrong ("informative"), the reverse
+    ("reversed"), both wrong after a right prefix ("both_wrong"), or whose prefix is already wrong."""
+    counts = dict(informative=0, reversed=0, both_wrong=0, wrong_prefix=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for i, p in enumerate(problems):
+            prefs = step_preferences(jax.tree_util.tree_map(lambda a: a[i], result.tree), margin)
+            for m in range(len(prefs)):
+                ok_c = corpora.first_error(p, prefs.chosen[m], tok) >= prefs.chosen_end[m]
+                ok_r = corpora.first_error(p, prefs.rejected[m], tok) >= prefs.rejected_end[m]
+                if corpora.first_error(p, prefs.chosen[m], tok) < prefs.prefix_len[m]:
+                    counts["wrong_prefix"] += 1
+                else:
+                    counts["informative" if ok_c and not ok_r else "reversed" if ok_r and not ok_c else "both_wrong"] += 1
+    total = max(sum(counts.values()), 1)
+    return {k: v / total for k, v in counts.items()}
+
+
 def step_log_probs(model: Transformer, seqs: jax.Array, masks: jax.Array) -> jax.Array:
     """[M] log π(step | prompt, prefix): the model's token log-probs summed over the masked positions."""
     logits, _ = model(seqs)
@@ -247,7 +267,7 @@ def _collect(key, lm, prm_model, tok, problems, cfg: LoopConfig):
     result = search_problems(key, lm, prm_model, tok, problems, arithmetic_mcts_config(tok, cfg))
     pairs = pairs_from_trees(result, problems, tok, cfg.margin, lm.cfg.max_len)
     cost = dict(policy_tokens=int(np.sum(result.policy_tokens)), verifier_calls=int(np.sum(result.verifier_calls)),
-                nfe=int(np.sum(result.nfe)))
+                nfe=int(np.sum(result.nfe)), pair_quality=pair_quality(result, problems, tok, cfg.margin))
     return pairs, cost
 
 
