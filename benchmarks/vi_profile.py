@@ -38,6 +38,7 @@ from jax.extend import core as jex_core
 
 from benchmarks._timing import interleaved_medians
 from experiments import vi_peer_numpyro as peer
+
 # ``pplalign.vi.fit`` the attribute is the function; the module (with its compiled chunks) is imported by name
 fit_module = importlib.import_module("pplalign.vi.fit")
 
