@@ -15,6 +15,20 @@ cloud times an adapted multiplier, a diagonal preconditioner):
   y = z/h (Neal 2011); accept with min(1, exp(−ΔH)). ``num_leapfrog`` evaluations with gradient.
 
 A proposal whose density is NaN, −inf or whose position is not finite is rejected.
+
+Population moves (one SMC stage's rejuvenation, all particles at once):
+
+- :func:`move_population`: every particle makes between ``min_moves`` and ``max_moves`` moves of one kernel
+  with the stage's step h = c·s (s the per-coordinate spread of the cloud). With ``max_moves > min_moves``
+  the moves stop once the cumulative expected squared jump distance in units of s,
+  ESJD = Σ_moves mean_i Σ_d ((z'_id − z_id)/s_d)² / D, reaches ``esjd_target`` (an independent draw from a
+  target of sd s gives 2 per move; 1 is a population decorrelated to correlation ≈ ½, the rule of
+  Buchholz, Chopin & Jacob 2021 in spirit).
+- :func:`waste_free_population`: Dau & Chopin (2022) waste-free moves: M resampled particles each start a
+  chain of P − 1 moves and every state of every chain is kept, M·P = N particles.
+- :func:`adapt_multiplier`: between stages c ← c·exp(clip(γ(ā − a*), ±1)), ā the stage's mean acceptance and
+  a* the kernel's optimal one — a population version of a Robbins–Monro step (blackjax's
+  ``inner_kernel_tuning`` updates from the population between stages in the same way).
 """
 
 from __future__ import annotations
@@ -36,7 +50,13 @@ __all__ = [
     "evaluations_per_move",
     "default_step_multiplier",
     "target_acceptance",
+    "MoveStats",
+    "move_population",
+    "waste_free_population",
+    "adapt_multiplier",
 ]
+
+ADAPT_GAIN = 2.0  # γ of adapt_multiplier: a 0.1 miss of the acceptance changes the step by ≈ 20%
 
 
 class Point(NamedTuple):
@@ -47,6 +67,7 @@ class Point(NamedTuple):
     grad_tilt: jax.Array  # [D] ∇ ℓ
     draw: Any  # the program's Draw at z (what the reward saw)
     nonfinite: jax.Array  # [] bool: the reward returned NaN/+inf here
+    nan_base: jax.Array  # [] bool: log p(z, c) was NaN here (read as −inf; an error at the initial particles)
 
 
 def make_evaluate(target: Any, unravel: Callable, with_grad: bool) -> Callable[[jax.Array], Point]:
@@ -71,10 +92,11 @@ def make_evaluate(target: Any, unravel: Callable, with_grad: bool) -> Callable[[
         log_base, log_tilt = vals[0], vals[1]
         bad = jnp.isnan(log_tilt) | (log_tilt == jnp.inf)
         log_tilt = jnp.where(bad, -jnp.inf, log_tilt)
-        log_base = jnp.where(jnp.isnan(log_base) | (log_base == jnp.inf), -jnp.inf, log_base)
+        nan_base = jnp.isnan(log_base)
+        log_base = jnp.where(nan_base | (log_base == jnp.inf), -jnp.inf, log_base)
         off = ~jnp.all(jnp.isfinite(position))
         log_base = jnp.where(off, -jnp.inf, log_base)
-        return Point(position, log_base, log_tilt, g_base, g_tilt, draw, bad & ~off)
+        return Point(position, log_base, log_tilt, g_base, g_tilt, draw, bad & ~off, nan_base & ~off)
 
     return evaluate
 
@@ -154,3 +176,63 @@ def default_step_multiplier(kind: str, dim: int) -> float:
 
 def target_acceptance(kind: str) -> float:
     return {"rwmh": 0.234, "mala": 0.574, "hmc": 0.65}[kind]
+
+
+def adapt_multiplier(mult: jax.Array, acceptance: jax.Array, goal: float, gain: float = ADAPT_GAIN) -> jax.Array:
+    """c·exp(clip(γ(ā − a*), −1, 1)): raise the step when the moves accept more often than the optimum."""
+    return mult * jnp.exp(jnp.clip(gain * (acceptance - goal), -1.0, 1.0))
+
+
+class MoveStats(NamedTuple):
+    acceptance: jax.Array  # [] mean acceptance over every move made
+    moves: jax.Array  # [] int32 moves per particle (per chain for waste-free)
+
+
+def _vmapped(kernel, lam, h, evaluate, num_leapfrog, constrain):
+    def step(key, pts):
+        keys = jax.random.split(key, pts.position.shape[0])
+        new, accepted = jax.vmap(lambda kk, p: kernel(kk, p, lam, h, evaluate, num_leapfrog))(keys, pts)
+        return constrain(new), accepted
+
+    return step
+
+
+def move_population(key, points: Point, lam, scale, mult, kernel, evaluate, num_leapfrog: int, min_moves: int,
+                    max_moves: int, esjd_target: float, constrain=lambda p: p) -> tuple[Point, MoveStats]:
+    """``min_moves`` to ``max_moves`` moves of every particle with step h = mult·scale (see module docstring).
+    Each move is π_λ-invariant for every particle; the stopping rule looks at the whole population."""
+    step = _vmapped(kernel, lam, mult * scale, evaluate, num_leapfrog, constrain)
+    dim = points.position.shape[-1]
+
+    def cond(c):
+        i, _, _, esjd = c
+        return (i < max_moves) & ((i < min_moves) | (esjd < esjd_target))
+
+    def body(c):
+        i, pts, acc, esjd = c
+        new, accepted = step(jax.random.fold_in(key, i), pts)
+        jump = jnp.mean(jnp.sum(((new.position - pts.position) / scale) ** 2, axis=-1)) / dim
+        return i + 1, new, acc + jnp.mean(accepted.astype(jnp.float32)), esjd + jump
+
+    zero = jnp.zeros((), jnp.float32)
+    i, points, acc, _ = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), points, zero, zero))
+    return points, MoveStats(acc / jnp.maximum(i, 1), i)
+
+
+def waste_free_population(key, starts: Point, lam, scale, mult, kernel, evaluate, num_leapfrog: int,
+                          chain_length: int, constrain=lambda p: p) -> tuple[Point, MoveStats]:
+    """Dau & Chopin (2022), Algorithm 2: each of the M ``starts`` runs ``chain_length`` = P − 1 moves and every
+    state is kept. Returns M·P points ordered (state s, chain m) → s·M + m, state 0 being the start."""
+    # M need not divide the mesh: only the N kept states are constrained to it
+    step = _vmapped(kernel, lam, mult * scale, evaluate, num_leapfrog, lambda p: p)
+
+    def body(pts, k):
+        new, accepted = step(k, pts)
+        return new, (new, jnp.mean(accepted.astype(jnp.float32)))
+
+    _, (chain, acc) = jax.lax.scan(body, starts, jax.random.split(key, chain_length))
+    every = jax.tree_util.tree_map(
+        lambda s, c: jnp.concatenate([s[None], c]).reshape((-1,) + s.shape[1:]), starts, chain
+    )
+    mean_acc = jnp.mean(acc) if chain_length > 0 else jnp.zeros((), jnp.float32)
+    return constrain(every), MoveStats(mean_acc, jnp.asarray(chain_length, jnp.int32))

@@ -47,6 +47,7 @@ __all__ = [
     "importance_sampling",
     "is_genjax",
     "address_paths",
+    "nan_sites",
 ]
 
 
@@ -401,6 +402,36 @@ def tilt_static(
 
 
 # --- importance sampling ------------------------------------------------------------------------------
+
+
+def nan_sites(program: Any, z: Any) -> list[str]:
+    """The sites whose log density is NaN at one particle's choices z (eager; for error messages).
+
+    numpyro: every sample site's log-probability (and the Jacobian of latent sites) is evaluated at z in the
+    trace of ``evaluate``. genjax gives one score for the whole choice map, so there the sites named are
+    those whose *value* is NaN ([] when the NaN comes from a parameter, not a value)."""
+    if isinstance(program, NumPyroProgram):
+        from numpyro.distributions.transforms import biject_to
+
+        def constrain(site):
+            u = z[site["name"]]
+            return u if site["fn"].support.is_discrete else biject_to(site["fn"].support)(u)
+
+        trace, _ = _numpyro_run(program.model, program.args, program.kwargs, jax.random.key(0), constrain,
+                                program.constraints)
+        bad = []
+        for name, site in trace.items():
+            if site["type"] != "sample":
+                continue
+            lp = _site_log_prob(site)
+            if _is_latent(site) and not site["fn"].support.is_discrete:
+                lp = lp + jnp.sum(biject_to(site["fn"].support).log_abs_det_jacobian(z[name], site["value"]))
+            if bool(jnp.isnan(lp)):
+                bad.append(name)
+        return bad
+    choices = _merge(z, program.constraints) if program.constraints else z
+    flat = jax.tree_util.tree_flatten_with_path(choices)[0]
+    return [_fmt(tuple(getattr(k, "key", k) for k in path)) for path, leaf in flat if bool(jnp.any(jnp.isnan(leaf)))]
 
 
 def check_static_inputs(target: Any, num_particles: Any, mesh=None, *, key: Any = None) -> int:
