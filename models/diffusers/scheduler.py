@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["SchedulerConfig", "Schedule", "scheduler_from_config", "set_timesteps", "predict", "moments", "step",
+__all__ = ["SchedulerConfig", "Schedule", "scheduler_from_config", "set_timesteps", "convert", "predict", "moments", "step",
            "BETA_SCHEDULES", "PREDICTION_TYPES", "VARIANCE_TYPES", "SPACINGS"]
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -215,10 +215,10 @@ def set_timesteps(config: SchedulerConfig, num_inference_steps: int, eta: float 
                     config.kind, eta, bool(use_clipped_model_output))
 
 
-def predict(schedule: Schedule, k, model_output: jax.Array, sample: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(x̂₀ clipped as configured, ε̂ unclipped unless ``use_clipped_model_output``) at sampling step k from the network output."""
-    ab = schedule.alpha_bar[k]
-    sa, sb = jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
+def convert(schedule: Schedule, alpha_bar, model_output: jax.Array, sample: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(x̂₀ clipped as configured, ε̂ unclipped unless ``use_clipped_model_output``) from the network output at
+    a point whose ᾱ is ``alpha_bar``."""
+    sa, sb = jnp.sqrt(alpha_bar), jnp.sqrt(1.0 - alpha_bar)
     if schedule.prediction_type == "epsilon":
         x0, eps = (sample - sb * model_output) / sa, model_output
     elif schedule.prediction_type == "v_prediction":
@@ -231,6 +231,11 @@ def predict(schedule: Schedule, k, model_output: jax.Array, sample: jax.Array) -
     if schedule.use_clipped_model_output:  # DDIM's option: ε̂ recomputed from the clipped x̂₀
         eps = (sample - sa * x0) / sb
     return x0, eps
+
+
+def predict(schedule: Schedule, k, model_output: jax.Array, sample: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(x̂₀, ε̂) at sampling step k (see :func:`convert`)."""
+    return convert(schedule, schedule.alpha_bar[k], model_output, sample)
 
 
 def moments(schedule: Schedule, k, x0: jax.Array, eps: jax.Array, sample: jax.Array) -> tuple[jax.Array, jax.Array]:
