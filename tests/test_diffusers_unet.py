@@ -62,7 +62,9 @@ def test_one_particle_layout_matches_batch(loaded):
 
 def test_scheduler_config_is_returned(loaded):
     _, sched = loaded["attn2_uncond"]
-    assert sched["_class_name"] == "DDPMScheduler" and sched["num_train_timesteps"] == 1000
+    raw = json.loads((FIXTURES / "attn2_uncond" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched.kind == "ddpm" and sched.num_train_timesteps == raw["num_train_timesteps"] == 1000
+    assert sched.beta_end == raw["beta_end"] and sched.prediction_type == raw["prediction_type"]
 
 
 def test_save_load_round_trip_is_exact(loaded, tmp_path):
@@ -197,12 +199,12 @@ def test_shipped_digits_unet_denoises():
     from models.diffusers.train import _digits_split, ddpm_alpha_bars, digits_16
 
     unet, sched = load_pretrained(SHIPPED)
-    assert sched["_class_name"] == "DDPMScheduler" and sched["prediction_type"] == "epsilon"
+    assert sched.kind == "ddpm" and sched.prediction_type == "epsilon" and sched.beta_schedule == "linear"
     assert unet.config.sample_size == 16 and unet.config.in_channels == 1
     _, (xte, _) = _digits_split()
     x0 = jnp.asarray(digits_16(xte[:32]))
     t = 300
-    ab = ddpm_alpha_bars(sched)[t + 1]
+    ab = ddpm_alpha_bars()[t + 1]
     eps = jax.random.normal(jax.random.PRNGKey(0), x0.shape)
     mse = float(jnp.mean((unet(jnp.sqrt(ab) * x0 + jnp.sqrt(1 - ab) * eps, t) - eps) ** 2))
     assert mse < 0.5, mse

@@ -93,9 +93,14 @@ class UNetConfig:
             if c % groups:
                 raise ValueError(f"block_out_channels {list(self.block_out_channels)}: {c} is not divisible by "
                                  f"norm_num_groups={groups}")
+        ch = self.block_out_channels
+        attended = [c for c, t in zip(ch, self.down_block_types) if t.startswith("Attn")] + \
+                   [c for c, t in zip(ch[::-1], self.up_block_types) if t.startswith("Attn")] + \
+                   ([ch[-1]] if self.mid_block_type is not None and self.add_attention else [])
+        for c in attended:
             head = self.attention_head_dim if self.attention_head_dim is not None else c
             if c % head:
-                raise ValueError(f"block width {c} is not divisible by attention_head_dim={head}")
+                raise ValueError(f"attention over block width {c} is not divisible by attention_head_dim={head}")
         if self.num_class_embeds is not None and int(self.num_class_embeds) < 1:
             raise ValueError(f"num_class_embeds={self.num_class_embeds!r} must be a positive integer or null")
 

@@ -9,6 +9,7 @@ UNet is never initialised randomly first.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -22,14 +23,17 @@ from models.hf.pretrained import _dtype
 from models.hf.tokenizer import _read_json
 
 from .config import config_from_diffusers, config_to_diffusers
+from .scheduler import SchedulerConfig, scheduler_from_config
 from .unet import UNet2DModel
 from .weights import WEIGHTS_NAME, assign, our_shapes, read_weights, to_diffusers_tensors, write_checkpoint
 
-__all__ = ["load_pretrained", "save_pretrained", "load_unet", "resolve", "unet_directory"]
+__all__ = ["load_pretrained", "save_pretrained", "load_unet", "resolve", "unet_directory", "scheduler_config_dict"]
 
 _FILES = ["model_index.json", "unet/config.json", f"unet/{WEIGHTS_NAME}", "scheduler/scheduler_config.json",
           "config.json", WEIGHTS_NAME, "scheduler_config.json"]
 _PIPELINES = {"DDPMScheduler": "DDPMPipeline", "DDIMScheduler": "DDIMPipeline"}
+_CLASSES = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler"}
+_ONLY = {"ddpm": {"set_alpha_to_one"}, "ddim": {"variance_type"}}  # fields the other scheduler class lacks
 
 
 def resolve(path_or_name: str | Path) -> Path:
@@ -84,7 +88,19 @@ def load_unet(directory: str | Path, *, dtype: Any = "float32") -> UNet2DModel:
     return model
 
 
-def load_pretrained(path_or_name: str | Path, *, dtype: Any = "float32") -> tuple[UNet2DModel, Optional[dict]]:
+def scheduler_config_dict(scheduler: SchedulerConfig | dict) -> dict:
+    """The ``scheduler_config.json`` dict of a :class:`SchedulerConfig` (a dict is returned as it is)."""
+    if isinstance(scheduler, dict):
+        return scheduler
+    fields = {f.name: getattr(scheduler, f.name) for f in dataclasses.fields(scheduler)}
+    kind = fields.pop("kind")
+    out = {"_class_name": _CLASSES[kind], **{k: v for k, v in fields.items() if k not in _ONLY[kind]}}
+    if out.get("trained_betas") is not None:
+        out["trained_betas"] = list(out["trained_betas"])
+    return out
+
+
+def load_pretrained(path_or_name: str | Path, *, dtype: Any = "float32") -> tuple[UNet2DModel, Optional[SchedulerConfig]]:
     """Load a diffusers ``UNet2DModel`` checkpoint and its scheduler configuration.
 
     Args:
@@ -95,19 +111,23 @@ def load_pretrained(path_or_name: str | Path, *, dtype: Any = "float32") -> tupl
         attention softmax are float32 in every case).
 
     Returns:
-      (unet, scheduler_config): the dict of ``scheduler/scheduler_config.json`` (for a bare UNet directory:
-      a ``scheduler_config.json`` beside it or in ``../scheduler/``), or None when there is none.
-      Raises ``ValueError`` for a missing or unreadable file, an unsupported block type or config field,
-      missing, unexpected or mis-shaped tensors (all listed), or an unknown dtype.
+      (unet, scheduler): the :class:`~models.diffusers.scheduler.SchedulerConfig` of
+      ``scheduler/scheduler_config.json`` (for a bare UNet directory: a ``scheduler_config.json`` beside it or
+      in ``../scheduler/``), or None when there is none. Raises ``ValueError`` for a missing or unreadable file,
+      an unsupported block type, config field or scheduler setting, missing, unexpected or mis-shaped tensors
+      (all listed), or an unknown dtype.
     """
     directory = resolve(path_or_name)
-    return load_unet(directory, dtype=dtype), _scheduler_config(unet_directory(directory))
+    raw = _scheduler_config(unet_directory(directory))
+    return load_unet(directory, dtype=dtype), (scheduler_from_config(raw) if raw is not None else None)
 
 
-def save_pretrained(unet: UNet2DModel, directory: str | Path, *, scheduler_config: Optional[dict] = None) -> Path:
+def save_pretrained(unet: UNet2DModel, directory: str | Path, *,
+                    scheduler_config: SchedulerConfig | dict | None = None) -> Path:
     """Write ``unet`` in diffusers' pipeline layout: ``unet/config.json``, ``unet/diffusion_pytorch_model
-    .safetensors`` (float32 or the model's dtype, torch layout) and, with a ``scheduler_config`` dict (its
-    ``_class_name`` e.g. ``"DDPMScheduler"``), ``scheduler/scheduler_config.json`` and ``model_index.json``,
+    .safetensors`` (the model's dtype, torch layout) and, with a scheduler (a :class:`SchedulerConfig`, or a
+    ``scheduler_config.json`` dict with its ``_class_name``, e.g. ``"DDPMScheduler"``),
+    ``scheduler/scheduler_config.json`` and ``model_index.json``,
     so that ``diffusers.DDPMPipeline.from_pretrained(directory)`` loads it."""
     directory = Path(directory)
     (directory / "unet").mkdir(parents=True, exist_ok=True)
@@ -115,6 +135,7 @@ def save_pretrained(unet: UNet2DModel, directory: str | Path, *, scheduler_confi
     (directory / "unet" / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     write_checkpoint(directory / "unet" / WEIGHTS_NAME, to_diffusers_tensors(unet))
     if scheduler_config is not None:
+        scheduler_config = scheduler_config_dict(scheduler_config)
         cls = scheduler_config.get("_class_name")
         if cls is None:
             raise ValueError("scheduler_config needs a '_class_name' (e.g. 'DDPMScheduler') for diffusers")
