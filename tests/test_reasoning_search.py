@@ -16,6 +16,7 @@ import pytest
 from pplalign.search import AStarConfig, RebaseConfig, astar, rebase, rebase_allocation
 
 V, T, DELIM = 4, 6, 3
+T_ARITH = 21  # corpora.SOLUTION_LEN, the arithmetic solutions
 RNG = np.random.default_rng(0)
 W = -RNG.exponential(1.0, size=(V + 1, V)).astype(np.float32)  # row 0: before the first token
 LOGITS = (1.5 * W + 0.5 * RNG.normal(size=(V + 1, V))).astype(np.float32)  # a policy that likes cheap tokens
@@ -257,3 +258,29 @@ def test_verifier_outside_declared_range(chain):
         astar(jax.random.key(0), chain, bad, AStarConfig(delimiter=DELIM, token_budget=200))
     with pytest.raises(ValueError, match="outside its declared range"):
         rebase(jax.random.key(0), chain, bad, RebaseConfig(delimiter=DELIM, width=4))
+
+
+# --- the experiment, CI-sized ---------------------------------------------------------------------------------------
+def test_reasoning_search_quick(tmp_path):
+    """``experiments.reasoning_search --quick`` runs every method and ends with the JSON line of
+    tokens_to_match_bon64 (here against best-of-4, the quick run's largest budget)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    out = subprocess.run([sys.executable, "-m", "experiments.reasoning_search", "--quick", "--out", str(tmp_path)],
+                         cwd=root, capture_output=True, text=True, timeout=900, env=dict(os.environ, XLA_FLAGS=flags.strip()))
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"astar", "rebase", "best_of_n_orm", "beam_search", "particle_filter"} <= set(result["tokens_to_match_bon64"])
+    assert result["reference"]["n"] == 4 and result["reference"]["policy_tokens"] <= 4 * T_ARITH
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    for r in rows:
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["policy_tokens"] >= 0 and r["verifier_calls"] >= 0
+    astar_row = next(r for r in rows if r["method"] == "astar")
+    assert astar_row["verifier_calls"] <= 16 and astar_row["policy_tokens"] <= 16 * T_ARITH  # its budgets
+    assert (tmp_path / "accuracy_tokens.png").exists() and (tmp_path / "table.md").exists()
