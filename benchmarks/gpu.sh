@@ -27,6 +27,7 @@ gpu_args() {
     smc_overhead)    echo "--vocab 1024 --steps 128 --particles 16384 --repeats 5" ;;
     lm_smc_overhead) echo "--num-particles 1024 --steps 128 --d-model 512 --layers 6 --heads 8 --repeats 3" ;;
     compile_time)    echo "--steps 16 64 256 1024 --particles 4096" ;;
+    diffusers_smc_overhead) echo "--particles 256 --steps 100 --repeats 3" ;;  # CIFAR-10 DDPM UNet, random weights
     weak_scaling)    echo "--in-process --devices 1 2 4 8 --particles-per-device 65536 --vocab 256 --steps 64" ;;
     *)               echo "" ;;
   esac

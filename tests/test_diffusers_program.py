@@ -21,10 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import pplalign
-from models.diffusers import UNet2DModel, UNetConfig
+from models.diffusers import load_unet
 from models.diffusers import scheduler as sch
 from models.diffusers.program import unet_program
 from pplalign.guidance import reward_guidance, tds
@@ -130,15 +129,12 @@ def test_dts_runs_and_refuses_a_deterministic_ddim(gaussian):
         pplalign.dts(jax.random.PRNGKey(0), pplalign.tilt(ddim0, SumReward(GAMMA), 1.0), 8)
 
 
-# --- a tiny random diffusers UNet --------------------------------------------------------------------------
-TINY = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=[8, 16], layers_per_block=1,
-            down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"],
-            norm_num_groups=4, attention_head_dim=8, num_class_embeds=3)
-
-
+# --- a tiny random diffusers UNet ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_unet():
-    return UNet2DModel(UNetConfig(**TINY), rngs=nnx.Rngs(0))
+    """diffusers-built random UNet of the committed fixtures (16×16×3, attention at two resolutions, 10 classes);
+    loading it (abstract module + assigned weights) costs far less than a fresh random init."""
+    return load_unet(ROOT / "tests" / "fixtures" / "diffusers" / "class_cond")
 
 
 def test_ancestral_sample_equals_the_scheduler_loop(tiny_unet):
@@ -153,10 +149,10 @@ def test_ancestral_sample_equals_the_scheduler_loop(tiny_unet):
     key = jax.random.PRNGKey(5)
     got = pplalign.ancestral_sample(key, program, n)
     init_key, run_key = jax.random.split(key)
-    x = jax.vmap(lambda k: jax.random.normal(k, (1, 8, 8)))(jax.random.split(init_key, n))
+    x = jax.vmap(lambda k: jax.random.normal(k, (3, 16, 16)))(jax.random.split(init_key, n))
     sc = program.schedule
     for k in range(steps):
-        z = jax.vmap(lambda kk: jax.random.normal(kk, (1, 8, 8)))(jax.random.split(jax.random.fold_in(run_key, k), n))
+        z = jax.vmap(lambda kk: jax.random.normal(kk, (3, 16, 16)))(jax.random.split(jax.random.fold_in(run_key, k), n))
         out = tiny_unet(x, sc.timesteps[k], jnp.full((n,), 2))
         x = sch.step(sc, k, out, x, z)[0]
     np.testing.assert_allclose(np.asarray(got), np.asarray(x), atol=1e-5)
@@ -171,9 +167,9 @@ def test_unet_program_bad_input(tiny_unet):
     with pytest.raises(ValueError, match="class_label"):
         unet_program(tiny_unet, DDPM, S)  # class-conditional UNet without a label
     with pytest.raises(ValueError, match="class_label"):
-        unet_program(tiny_unet, DDPM, S, class_label=3)
+        unet_program(tiny_unet, DDPM, S, class_label=10)
     with pytest.raises(ValueError, match="divisible"):
-        unet_program(tiny_unet, DDPM, S, class_label=0, sample_shape=(1, 7, 7))
+        unet_program(tiny_unet, DDPM, S, class_label=0, sample_shape=(3, 6, 6))
     with pytest.raises(ValueError, match="eta"):
         unet_program(tiny_unet, DDPM, S, class_label=0, eta=0.5)
     with pytest.raises(ValueError, match="final_std"):
