@@ -36,7 +36,11 @@ seconds per run and the stages, and for each peer
 (> 1: ours reaches a given accuracy in less time, as the variance of log Ẑ falls like 1/N and time grows
 like N), with a ~95% interval from the delta-method errors of the two RMSE² (at R = 10 repeats it spans
 about a factor 3 either way: use ``--repeats`` ≥ 30 to resolve a ratio near 1). For the logistic target the RMSE is against the reference value, whose own standard error
-(``LOGISTIC_LOG_Z_SE``) is printed with it. Prints a table and one JSON line last.
+(``LOGISTIC_LOG_Z_SE``) is printed with it. ``accuracy_per_evaluation_ratio`` is the same with the mean
+number of per-particle density evaluations (with or without gradient) in place of the time — a cost that load
+on a shared machine cannot blur; blackjax's count per stage and particle is moves × leapfrog + 3 (the ESS
+solver's ℓ, the HMC init's density and gradient, the new weights' ℓ), ours is ``Particles.nfe``.
+Prints a table and one JSON line last.
 """
 
 from __future__ import annotations
@@ -105,19 +109,19 @@ def ours_methods(target: Target, args, stages: dict) -> dict:
     @jax.jit
     def adaptive(key):
         p, info = run_tempered(key, tilted, args.particles, **options)
-        return p.log_Z, info.num_stages, info.lambdas
+        return p.log_Z, info.num_stages, p.nfe, info.lambdas
 
-    _, _, schedule = adaptive(jax.random.key(10_000))  # the pilot, on a key no timed run uses
+    schedule = adaptive(jax.random.key(10_000))[3]  # the pilot, on a key no timed run uses
 
     @jax.jit
     def fixed(key):
         p, info = run_tempered(key, tilted, args.particles, schedule=schedule, **options)
-        return p.log_Z, info.num_stages
+        return p.log_Z, info.num_stages, p.nfe
 
     def timed(name, fn):
         def run(key):
             out = fn(key)
-            stages[name] = int(out[1])
+            stages.setdefault(name, []).append((int(out[1]), int(out[2])))
             return out[0]
 
         return run
@@ -174,7 +178,9 @@ def blackjax_method(blackjax, target: Target, args, stages: dict):
 
     def run(key):
         lz, steps = bj(key)
-        stages["blackjax"] = int(steps)
+        # density evaluations (with or without gradient) per stage and particle: ℓ for the ESS solver, the
+        # HMC init (log density and gradient), moves × leapfrog, ℓ for the new weights
+        stages.setdefault("blackjax", []).append((int(steps), int(steps) * n * (args.mcmc_steps * args.leapfrog + 3)))
         return lz
 
     return run
@@ -220,7 +226,8 @@ def genjax_gaussian_method(genjax, target: Target, n: int):
 # --- the run ------------------------------------------------------------------------------------------------
 
 
-def _summarise(lz: np.ndarray, log_Z: float, t: float, stages) -> dict:
+def _summarise(lz: np.ndarray, log_Z: float, t: float, counts) -> dict:
+    """Errors of log Ẑ, the median time, and the mean stages and density evaluations over the runs."""
     err = lz - log_Z
     sd = float(err.std(ddof=1)) if len(err) > 1 else 0.0
     return dict(
@@ -231,7 +238,8 @@ def _summarise(lz: np.ndarray, log_Z: float, t: float, stages) -> dict:
         # se of log(RMSE²) by the delta method, sd(e²)/(√R·mean(e²)): the ratio's error bar comes from these
         log_mse_se=float(np.std(err**2, ddof=1) / (math.sqrt(len(err)) * max(np.mean(err**2), 1e-30))),
         time_s=t,
-        stages=stages,
+        stages=None if counts[0][0] is None else float(np.mean([c[0] for c in counts])),
+        evaluations=float(np.mean([c[1] for c in counts])),
     )
 
 
@@ -245,7 +253,8 @@ def run_target(target: Target, args, peers) -> dict:
         methods["genjax_is"] = genjax_gaussian_method(peers["genjax"], target, args.particles)
     keys = list(jax.random.split(jax.random.key(args.seed), args.repeats + 1))
     log_zs, times = _time_methods(methods, keys)
-    results = {name: _summarise(log_zs[name], target.log_Z, times[name], stages.get(name)) for name in methods}
+    is_counts = [(None, args.particles)]  # importance sampling: one evaluation per particle, no stages
+    results = {name: _summarise(log_zs[name], target.log_Z, times[name], stages.get(name, is_counts)) for name in methods}
     ours = results["ours"]
     for name, r in results.items():
         if name != "ours":
@@ -254,20 +263,28 @@ def run_target(target: Target, args, peers) -> dict:
             half = 2.0 * math.hypot(r["log_mse_se"], ours["log_mse_se"])
             r["accuracy_per_second_ratio"] = ratio
             r["accuracy_per_second_ratio_ci95"] = [ratio * math.exp(-half), ratio * math.exp(half)]
+            # the same with the density evaluations for the time: what a machine under load cannot blur
+            r["accuracy_per_evaluation_ratio"] = (r["log_Z_rmse"] ** 2 * r["evaluations"]) / max(
+                ours["log_Z_rmse"] ** 2 * ours["evaluations"], 1e-30)
     return dict(dim=target.dim, log_Z=target.log_Z, log_Z_ref_se=target.log_Z_se, methods=results)
 
 
 def print_table(per_target: dict) -> None:
-    head = f"{'target':10s} {'method':11s} {'mean err ± se':>18s} {'RMSE':>8s} {'ms/run':>9s} {'stages':>6s} {'acc/s ratio [~95%]':>22s}"
+    head = (f"{'target':10s} {'method':11s} {'mean err ± se':>18s} {'RMSE':>8s} {'ms/run':>9s} {'stages':>6s} "
+            f"{'evals':>8s} {'acc/s ratio [~95%]':>22s} {'acc/eval':>8s}")
     print(head)
     print("-" * len(head))
     for tname, res in per_target.items():
         for name, r in res["methods"].items():
-            ratio = r.get("accuracy_per_second_ratio")
-            ci = r.get("accuracy_per_second_ratio_ci95")
+            stages = "-" if r["stages"] is None else f"{r['stages']:.1f}"
+            ratio = ""
+            if "accuracy_per_second_ratio" in r:
+                lo, hi = r["accuracy_per_second_ratio_ci95"]
+                ratio = f"{r['accuracy_per_second_ratio']:.2f} [{lo:.2f}, {hi:.2f}]"
+            per_eval = f"{r['accuracy_per_evaluation_ratio']:8.2f}" if "accuracy_per_evaluation_ratio" in r else ""
             print(f"{tname:10s} {name:11s} {r['log_Z_err_mean']:+9.4f} ± {r['log_Z_err_se']:6.4f} "
-                  f"{r['log_Z_rmse']:8.4f} {r['time_s'] * 1e3:9.1f} {str(r['stages']):>6s} "
-                  f"{'' if ratio is None else f'{ratio:11.2f} [{ci[0]:.2f}, {ci[1]:.2f}]'}")
+                  f"{r['log_Z_rmse']:8.4f} {r['time_s'] * 1e3:9.1f} {stages:>6s} {r['evaluations']:8.0f} "
+                  f"{ratio:>22s} {per_eval}")
         if res["log_Z_ref_se"]:
             print(f"{'':10s} (log Z = {res['log_Z']:.4f} is a reference value, ± {res['log_Z_ref_se']:.4f})")
 
@@ -317,6 +334,10 @@ def main(argv=None):
         backend=jax.default_backend(),
         accuracy_per_second_ratio={
             t: r["methods"]["blackjax"]["accuracy_per_second_ratio"] for t, r in per_target.items()
+            if "blackjax" in r["methods"]
+        },
+        accuracy_per_evaluation_ratio={
+            t: r["methods"]["blackjax"]["accuracy_per_evaluation_ratio"] for t, r in per_target.items()
             if "blackjax" in r["methods"]
         },
         targets=per_target,
