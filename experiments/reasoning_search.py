@@ -167,11 +167,13 @@ def main(argv=None):
     ap.add_argument("--smc-particles", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2, help="independent runs of each search per problem")
     ap.add_argument("--temperature", type=float, default=0.2, help="REBASE's τ (in units of the log-PRM)")
+    ap.add_argument("--astar", nargs="+", default=["2,1,16", "4,1,32", "8,1,64", "16,1,128", "8,4,128"],
+                    help="A* settings k,S,calls (children per pop, solutions, verifier budget; tokens capped at calls·T)")
+    ap.add_argument("--rebase-widths", type=int, nargs="+", default=[2, 4, 8, 16, 32])
+    ap.add_argument("--mcts-iterations", type=int, nargs="+", default=[4, 8, 16])
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    args.astar = [(2, 1, 16), (4, 1, 32), (8, 1, 64), (16, 1, 128), (8, 4, 128)]
-    args.rebase_widths = [2, 4, 8, 16, 32]
-    args.mcts_iterations = [4, 8, 16]
+    args.astar = [tuple(int(v) for v in a.split(",")) for a in args.astar]
     if args.quick:
         args.problems, args.budgets, args.smc_particles, args.repeats = 4, [4], 4, 1
         args.astar, args.rebase_widths, args.mcts_iterations = [(2, 1, 16)], [4], [2]
