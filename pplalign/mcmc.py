@@ -26,7 +26,7 @@ Population moves (one SMC stage's rejuvenation, all particles at once):
   Buchholz, Chopin & Jacob 2021 in spirit).
 - :func:`waste_free_population`: Dau & Chopin (2022) waste-free moves: M resampled particles each start a
   chain of P − 1 moves and every state of every chain is kept, M·P = N particles.
-- :func:`adapt_multiplier`: between stages c ← c·exp(clip(γ(ā − a*), ±1)), ā the stage's mean acceptance and
+- :func:`adapt_multiplier`: between stages c ← c·exp(clip(γ(ā − a*), −1, ¼)), ā the stage's mean acceptance and
   a* the kernel's optimal one — a population version of a Robbins–Monro step (blackjax's
   ``inner_kernel_tuning`` updates from the population between stages in the same way).
 """
@@ -179,8 +179,10 @@ def target_acceptance(kind: str) -> float:
 
 
 def adapt_multiplier(mult: jax.Array, acceptance: jax.Array, goal: float, gain: float = ADAPT_GAIN) -> jax.Array:
-    """c·exp(clip(γ(ā − a*), −1, 1)): raise the step when the moves accept more often than the optimum."""
-    return mult * jnp.exp(jnp.clip(gain * (acceptance - goal), -1.0, 1.0))
+    """c·exp(clip(γ(ā − a*), −1, ¼)): raise the step when the moves accept more often than the optimum.
+    Increases are capped at ×e^{¼} and decreases at ×e^{−1}: the acceptance of HMC falls off a cliff (the
+    leapfrog turns unstable at h ≈ 2σ), so a step grows cautiously towards it and backs off fast."""
+    return mult * jnp.exp(jnp.clip(gain * (acceptance - goal), -1.0, 0.25))
 
 
 class MoveStats(NamedTuple):

@@ -408,17 +408,19 @@ def nan_sites(program: Any, z: Any) -> list[str]:
     """The sites whose log density is NaN at one particle's choices z (eager; for error messages).
 
     numpyro: every sample site's log-probability (and the Jacobian of latent sites) is evaluated at z in the
-    trace of ``evaluate``. genjax gives one score for the whole choice map, so there the sites named are
+    trace of ``evaluate``; a site is named when that is NaN or its value is. genjax gives one score for the whole choice map, so there the sites named are
     those whose *value* is NaN ([] when the NaN comes from a parameter, not a value)."""
     if isinstance(program, NumPyroProgram):
+        from numpyro.distributions.distribution import validation_enabled
         from numpyro.distributions.transforms import biject_to
 
         def constrain(site):
             u = z[site["name"]]
             return u if site["fn"].support.is_discrete else biject_to(site["fn"].support)(u)
 
-        trace, _ = _numpyro_run(program.model, program.args, program.kwargs, jax.random.key(0), constrain,
-                                program.constraints)
+        with validation_enabled(False):  # the bad parameter should be named, not refused by its distribution
+            trace, _ = _numpyro_run(program.model, program.args, program.kwargs, jax.random.key(0), constrain,
+                                    program.constraints)
         bad = []
         for name, site in trace.items():
             if site["type"] != "sample":
@@ -426,7 +428,8 @@ def nan_sites(program: Any, z: Any) -> list[str]:
             lp = _site_log_prob(site)
             if _is_latent(site) and not site["fn"].support.is_discrete:
                 lp = lp + jnp.sum(biject_to(site["fn"].support).log_abs_det_jacobian(z[name], site["value"]))
-            if bool(jnp.isnan(lp)):
+            # a NaN parameter shows as a NaN log-probability, or as a NaN draw (scored −inf by numpyro)
+            if bool(jnp.isnan(lp)) or bool(jnp.any(jnp.isnan(site["value"]))):
                 bad.append(name)
         return bad
     choices = _merge(z, program.constraints) if program.constraints else z

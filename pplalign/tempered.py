@@ -205,7 +205,8 @@ def run_tempered(
     dim = flat0.shape[0]
     evaluate = mcmc_lib.make_evaluate(target, unravel, with_grad)
     points = constrain_particles(jax.vmap(evaluate)(constrain_particles(positions, mesh)), mesh)
-    nan_at_init = jnp.any(points.nan_base) | jnp.any(jnp.isnan(log_w0))
+    # a NaN density or a NaN draw (a NaN parameter makes both) at the prior's own draws is a broken program
+    nan_at_init = jnp.any(points.nan_base) | jnp.any(jnp.isnan(log_w0)) | ~jnp.all(jnp.isfinite(positions))
     log_w0 = jnp.where(jnp.isnan(log_w0) | (log_w0 == jnp.inf), -jnp.inf, jnp.asarray(log_w0, jnp.float32))
     mult0 = mcmc_lib.default_step_multiplier(mcmc, dim) if step_size is None else step_size
 
@@ -358,7 +359,8 @@ def _raise_on_nan_at_init(key, target: StaticTilted, n: int) -> None:
     init_key = jax.random.split(key)[0]
     zs, log_w0, _ = jax.vmap(target.program.init)(jax.random.split(init_key, n))
     log_p = jax.vmap(lambda z: target.program.evaluate(z)[0])(zs)
-    bad = jnp.isnan(log_p) | jnp.isnan(log_w0)
+    flat = jax.vmap(lambda z: ravel_pytree(z)[0])(zs)
+    bad = jnp.isnan(log_p) | jnp.isnan(log_w0) | ~jnp.all(jnp.isfinite(flat), axis=-1)
     i = int(jnp.argmax(bad))
     z_i = jax.tree_util.tree_map(lambda leaf: leaf[i], zs)
     sites = nan_sites(target.program, z_i)
