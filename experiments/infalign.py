@@ -103,7 +103,7 @@ def run(args) -> dict:
     family, theta0 = prefix_table_family(lm)
     reward_fn = TableReward(jnp.asarray(r, jnp.float32), lm.vocab_size)
     k_at = list(args.kls).index(1.0)
-    for name in ("plain", "ctrl_4"):
+    for name in args.fits:
         beta = table[name][k_at]["beta"]
         if name == "plain":
             objective = vi.kl_regularised_rl(family, pplalign.tilt(lm, reward_fn, beta), estimator="enum")
@@ -134,10 +134,11 @@ def main(argv=None):
     ap.add_argument("--calib-samples", type=int, default=4096)
     ap.add_argument("--fit-steps", type=int, default=600)
     ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--fits", nargs="+", default=["plain", "ctrl_4"], choices=["plain", "ctrl_4"])
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.quick:
-        args.fit_steps = 150
+    if args.quick:  # CI: one VI fit, two KL budgets
+        args.fit_steps, args.fits, args.kls = min(args.fit_steps, 150), ["ctrl_4"], [0.5, 1.0]
     if 1.0 not in args.kls or any(k <= 0 for k in args.kls):
         raise ValueError(f"--kls must be positive and include 1.0 (the VI fits' budget); got {args.kls}")
     result = run(args)
