@@ -10,7 +10,7 @@ For each stage k of one run (same target, N, ESS target, HMC family, moves and l
     particles; blackjax solves on the particles *before* its resample-and-move, i.e. a cloud of π_{λ_{k−2}},
     and applies δ_k to the moved cloud of π_{λ_{k−1}}, where ℓ is more concentrated: its applied ESS is
     higher than the target and its steps are shorter);
-  * the mean acceptance rate of the stage's moves.
+  * the mean acceptance rate of the stage's moves, and their number per particle.
 
 Then, over ``--repeats`` seeds: stages and log Ẑ − log Z (mean ± se, RMSE) of each sampler, so that a change
 to the rule can be read off as schedule *and* accuracy. The last line is one JSON object.
@@ -61,9 +61,10 @@ def ours_run(target, args):
         lam = np.asarray(info.lambdas)[:k]
         ess = np.asarray(ess)[:k] / args.particles
         acc = np.asarray(info.acceptance)[:k]
+        moves = np.asarray(info.num_moves)[:k]
         # ours solves on the cloud it reweights: applied = solved (p.ess is after reweighting, weights reset)
         rows = [dict(lam=float(lam[i]), delta=float(lam[i] - (lam[i - 1] if i else 0.0)), ess_applied=float(ess[i]),
-                     ess_solved=float(ess[i]), acceptance=float(acc[i])) for i in range(k)]
+                     ess_solved=float(ess[i]), acceptance=float(acc[i]), moves=int(moves[i])) for i in range(k)]
         return float(log_Z), rows
 
     return record
@@ -107,7 +108,8 @@ def blackjax_run(target, args):
             delta = lam - lam_prev
             post = loglik(state.particles)
             rows.append(dict(lam=lam, delta=delta, ess_applied=_ess_fraction(delta * post),
-                             ess_solved=_ess_fraction(delta * pre), acceptance=float(jnp.mean(acc))))
+                             ess_solved=_ess_fraction(delta * pre), acceptance=float(jnp.mean(acc)),
+                             moves=args.mcmc_steps))
             step_size = update_scale_from_acceptance_rate(step_size, acc, HMC_ACCEPTANCE)
             inv_mass = jnp.var(state.particles, axis=0)
             log_Z += float(inc)
@@ -119,10 +121,11 @@ def blackjax_run(target, args):
 
 def print_stages(name: str, rows: list) -> None:
     print(f"{name}: {len(rows)} stages")
-    print(f"  {'k':>2s} {'lambda':>9s} {'delta':>9s} {'ESS applied/N':>13s} {'ESS solved/N':>12s} {'accept':>7s}")
+    print(f"  {'k':>2s} {'lambda':>9s} {'delta':>9s} {'ESS applied/N':>13s} {'ESS solved/N':>12s} {'accept':>7s} "
+          f"{'moves':>5s}")
     for k, r in enumerate(rows):
         print(f"  {k:2d} {r['lam']:9.5f} {r['delta']:9.5f} {r['ess_applied']:13.3f} {r['ess_solved']:12.3f} "
-              f"{r['acceptance']:7.3f}")
+              f"{r['acceptance']:7.3f} {r['moves']:5d}")
 
 
 def main(argv=None):
@@ -145,24 +148,26 @@ def main(argv=None):
     keys = jax.random.split(jax.random.key(args.seed), args.repeats)
     summary = {}
     for name, run in samplers.items():
-        errs, stages = [], []
+        errs, stages, moves = [], [], []
         for r, key in enumerate(keys):
             log_Z, rows = run(key)
             if r == 0:
                 print_stages(name, rows)
             errs.append(log_Z - target.log_Z)
             stages.append(len(rows))
+            moves.append(sum(row["moves"] for row in rows))  # moves per particle over the run: the cost
         errs = np.asarray(errs)
         summary[name] = dict(
             stages_mean=float(np.mean(stages)),
+            moves_mean=float(np.mean(moves)),
             ess_applied_mean=float(np.mean([row["ess_applied"] for row in rows[:-1]] or [np.nan])),
             log_Z_err_mean=float(errs.mean()),
             log_Z_err_se=float(errs.std(ddof=1) / math.sqrt(len(errs))),
             log_Z_rmse=float(np.sqrt(np.mean(errs**2))),
         )
-    print(f"\n{'sampler':9s} {'stages':>6s} {'mean err ± se':>18s} {'RMSE':>7s}   (over {args.repeats} seeds)")
+    print(f"\n{'sampler':9s} {'stages':>6s} {'moves':>6s} {'mean err ± se':>18s} {'RMSE':>7s}   (over {args.repeats} seeds)")
     for name, s in summary.items():
-        print(f"{name:9s} {s['stages_mean']:6.1f} {s['log_Z_err_mean']:+9.4f} ± {s['log_Z_err_se']:6.4f} "
+        print(f"{name:9s} {s['stages_mean']:6.1f} {s['moves_mean']:6.1f} {s['log_Z_err_mean']:+9.4f} ± {s['log_Z_err_se']:6.4f} "
               f"{s['log_Z_rmse']:7.4f}")
     print(json.dumps(dict(benchmark="tempered_schedule_compare", target=args.target, particles=args.particles,
                           ess_target=args.ess_target, ours_options=dict(args.ours), samplers=summary)))
