@@ -41,6 +41,9 @@ def test_resampling_approaches_the_closed_form_ceiling():
     assert abs(wrong.mean() - cf_wrong.mean()) < 0.07
     assert ceiling < 1 - 0.05  # the cap is real: well below what a perfect verifier reaches
     assert abs(resampling_ceiling(p, 0.0).mean() - 1.0) < 1e-12
+    # a perfect verifier: the first accepted sample is right whenever one of the n is
+    right0, wrong0 = first_accepted(correct, correct, n)
+    assert np.all(wrong0 == 0) and np.allclose(right0, correct.reshape(P, -1, n).any(-1).mean(1))
 
 
 def test_utility_optimal_n_is_finite_for_a_mix_of_problems():

@@ -38,6 +38,20 @@ def test_transform_and_bon_win_rates():
         infalign.bon_win_rates([0.0, 1.0], [0.5, 0.6], [0.5, 0.5], 1)
 
 
+def test_uniform_model_against_closed_forms():
+    # β → ∞: σ = U, so BoN_N(U) vs U wins N/(N+1) and vs BoN_N(U) wins ½, at KL 0
+    r = infalign.uniform_bon_win_rate(1.0, 1e9, 4)
+    assert r["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert r["vs_base"] == pytest.approx(4 / 5, abs=1e-4) and r["vs_base_bon"] == pytest.approx(0.5, abs=1e-4)
+    # t → 0: Φ_t(u) ≈ e^{−t}(1 + t u), σ(u) ∝ e^{λu} with λ = t e^{−t}/β; KL = λ E[u] − log((e^λ − 1)/λ),
+    # E[u] = 1/(1 − e^{−λ}) − 1/λ (grid error O(1/4096²), linearisation error O(t) = 1e-4 relative)
+    t, lam = 1e-4, 2.0
+    r = infalign.uniform_bon_win_rate(t, t * np.exp(-t) / lam, 1)
+    mean = 1 / (1 - np.exp(-lam)) - 1 / lam
+    assert r["vs_base"] == pytest.approx(mean, rel=1e-3)
+    assert r["kl"] == pytest.approx(lam * mean - np.log((np.exp(lam) - 1) / lam), rel=1e-3)
+
+
 def test_choose_t_prefers_a_steeper_transform_for_larger_n():
     # on the uniform model at KL = 1: for N = 1 the win rate is E_σ[u], maximised by the linear tilt (t → 0);
     # for N = 4 a steep exponential wins
