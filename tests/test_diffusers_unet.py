@@ -195,16 +195,19 @@ def test_live_against_diffusers(loaded):
 @pytest.mark.skipif(not SHIPPED.exists(), reason="digits UNet not trained yet")
 def test_shipped_digits_unet_denoises():
     """On held-out digits noised to t = 300, the trained ε-prediction's MSE is far below 1 (the MSE of
-    predicting 0, since ε ~ N(0, I)). With 32 images × 256 pixels the MSE's standard error is ~1/√8192 ≈ 0.01."""
+    predicting 0, since ε ~ N(0, I)). With 16 images × 256 pixels the MSE's standard error is ≲ 1/√4096 ≈ 0.016
+    (per-pixel squared errors are ~χ²₁-like, correlated within an image: a few times that at most)."""
     from models.diffusers.train import _digits_split, ddpm_alpha_bars, digits_16
 
     unet, sched = load_pretrained(SHIPPED)
     assert sched.kind == "ddpm" and sched.prediction_type == "epsilon" and sched.beta_schedule == "linear"
     assert unet.config.sample_size == 16 and unet.config.in_channels == 1
     _, (xte, _) = _digits_split()
-    x0 = jnp.asarray(digits_16(xte[:32]))
+    x0 = jnp.asarray(digits_16(xte[:16]))
     t = 300
     ab = ddpm_alpha_bars()[t + 1]
     eps = jax.random.normal(jax.random.PRNGKey(0), x0.shape)
-    mse = float(jnp.mean((unet(jnp.sqrt(ab) * x0 + jnp.sqrt(1 - ab) * eps, t) - eps) ** 2))
+    graphdef, state = nnx.split(unet)
+    pred = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x, t))(state, jnp.sqrt(ab) * x0 + jnp.sqrt(1 - ab) * eps)
+    mse = float(jnp.mean((pred - eps) ** 2))
     assert mse < 0.5, mse
