@@ -83,3 +83,26 @@ def test_verifier_outside_its_declared_range_raises():
         NoisyChecker(1.5)
     with pytest.raises(ValueError, match="smaller than n"):
         first_accepted(np.ones((2, 3), bool), np.ones((2, 3), bool), 4)
+
+
+def test_quick_experiment_runs_and_counts_compute(tmp_path):
+    # the CI-sized run of experiments.imperfect_verifiers (4 problems, n ∈ {1, 4}): every method reports
+    # accuracy with policy tokens, verifier calls and NFE; resampling stops early so it never spends more
+    import json
+
+    from experiments import imperfect_verifiers as exp
+
+    exp.main(["--quick", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "results.json").read_text())
+    # FPR 0: the ceiling is the fraction of problems with a right sample in the pool, which is exactly the
+    # resampling accuracy at the largest n (one group = the whole pool)
+    exact = res["verifiers"]["checker_fpr0"]
+    assert exact["ceiling"] == pytest.approx(exact["rows"][-1]["resample"]["accuracy"])
+    for vr in res["verifiers"].values():
+        for row in vr["rows"]:
+            r = row["resample"]
+            assert 1.0 <= r["verifier_calls"] <= row["n"] and r["policy_tokens"] <= row["accepted_majority"]["policy_tokens"] + 1e-9
+            for m in ("resample", "accepted_majority", "particle_filter"):
+                assert {"accuracy", "wrong", "nfe", "policy_tokens", "verifier_calls"} <= set(row[m])
+                assert 0.0 <= row[m]["accuracy"] + row[m]["wrong"] <= 1.0 + 1e-9
+    assert (tmp_path / "accuracy.png").exists()
