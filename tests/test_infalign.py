@@ -80,4 +80,9 @@ def test_ctrl_beats_plain_kl_rl_on_best_of_n_at_matched_kl(quick):
     assert at("calibrated", 1) > at("plain", 1)
     assert at("ctrl_16", 1) < at("calibrated", 1)  # the BoN transform costs single-sample win rate
     # the VI fit (existing KL-regularised VI) approaches the enumerated optimum
-    assert quick["vi_fits"]["ctrl_4"]["kl_q_sigma"] < 1e-2
+    fit = quick["vi_fits"]["ctrl_4"]
+    assert fit["kl_q_sigma"] < 1e-2
+    # ... and that optimum is the CTRL policy of the table (same KL budget, same BoN win rates)
+    assert abs(fit["kl_q_p0"] - 1.0) < 0.02
+    for n in (1, 4, 16):
+        assert abs(fit[f"N={n}"]["vs_base_bon"] - at("ctrl_4", n)) < 0.01
