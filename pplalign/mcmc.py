@@ -79,13 +79,10 @@ def make_evaluate(target: Any, unravel: Callable, with_grad: bool) -> Callable[[
 
     def evaluate(position: jax.Array) -> Point:
         if with_grad:
-            def with_aux(x):
-                v, d = values(x)
-                return v, (v, d)
-
-            jac, (vals, draw) = jax.jacrev(with_aux, has_aux=True)(position)
-            jac = jnp.where(jnp.isfinite(jac), jac, 0.0)
-            g_base, g_tilt = jac[0], jac[1]
+            # one forward pass and two pullbacks (jacrev of the [2] output costs ~2.5x more under vmap)
+            vals, pull, draw = jax.vjp(values, position, has_aux=True)
+            g_base, g_tilt = (jnp.where(jnp.isfinite(g), g, 0.0) for g in
+                              (pull(jnp.array([1.0, 0.0], vals.dtype))[0], pull(jnp.array([0.0, 1.0], vals.dtype))[0]))
         else:
             vals, draw = values(position)
             g_base = g_tilt = jnp.zeros_like(position)
