@@ -74,9 +74,8 @@ def blackjax_run(target, args):
     """blackjax's adaptive tempered SMC with the population tuning of ``peer_tempered``, stepped from Python
     so that each stage's pre-step cloud (what its solver sees) and post-step weights can be recorded."""
     import blackjax
-    from blackjax.smc.tuning.from_kernel_info import update_scale_from_acceptance_rate
-
     from blackjax.smc import adaptive_tempered
+    from blackjax.smc.tuning.from_kernel_info import update_scale_from_acceptance_rate
 
     n, d = args.particles, target.dim
     loglik = jax.vmap(target.log_likelihood)

@@ -52,7 +52,8 @@ import pplalign
 from experiments.diffusion_digits import TREES, _one_sample, evaluate
 from models.diffusers import load_pretrained
 from models.diffusers.program import unet_program
-from models.diffusers.train import OUT_DIR as DIGITS_UNET, digits_16
+from models.diffusers.train import OUT_DIR as DIGITS_UNET
+from models.diffusers.train import digits_16
 from models.diffusion.data import load_digits
 from models.diffusion.nets import ClassifierReward
 from models.diffusion.pretrained import checkpoint_path

@@ -46,8 +46,15 @@ from models.lm.checkpoint import load_model
 from models.lm.program import LMProgram, prompt_caches, vmap_prompts
 from models.lm.reasoning import prefix_scores, sample_solutions
 from models.lm.rewards import PRMTwist, ProcessRewardModel, WithProcessReward
-from models.lm.verifiers import (NoisyChecker, ThresholdPRM, first_accepted, operating_points, resampling_ceiling,
-                                 resampling_curve, utility_optimal_n)
+from models.lm.verifiers import (
+    NoisyChecker,
+    ThresholdPRM,
+    first_accepted,
+    operating_points,
+    resampling_ceiling,
+    resampling_curve,
+    utility_optimal_n,
+)
 
 T = corpora.SOLUTION_LEN
 STEPS = int(corpora.step_boundaries().sum())

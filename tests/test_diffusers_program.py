@@ -182,7 +182,7 @@ def _sharded_check() -> dict:  # runs inside an 8-device subprocess
     import jax
 
     import pplalign
-    from tests.test_diffusers_program import DDPM, S, SHAPE, GaussianEps, SumReward
+    from tests.test_diffusers_program import DDPM, SHAPE, GaussianEps, S, SumReward
 
     acp = jnp.asarray(sch.scheduler_from_config(DDPM).alphas_cumprod())
     program = unet_program(GaussianEps(jnp.float32(0.3), jnp.float32(0.25), acp), DDPM, S, sample_shape=SHAPE)

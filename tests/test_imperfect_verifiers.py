@@ -4,8 +4,16 @@ the resampling ceiling, the utility-optimal n and the range check. Pure numpy: n
 import numpy as np
 import pytest
 
-from models.lm.verifiers import (NoisyChecker, ThresholdPRM, check_range, first_accepted, operating_points,
-                                 resampling_ceiling, resampling_curve, utility_optimal_n)
+from models.lm.verifiers import (
+    NoisyChecker,
+    ThresholdPRM,
+    check_range,
+    first_accepted,
+    operating_points,
+    resampling_ceiling,
+    resampling_curve,
+    utility_optimal_n,
+)
 
 
 def test_noisy_checker_hits_its_false_positive_rate():

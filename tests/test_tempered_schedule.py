@@ -25,7 +25,7 @@ import numpyro.distributions as dist
 import pytest
 
 import pplalign
-from pplalign.tempered import run_tempered, tempered_smc, tempered_smc_with_info
+from pplalign.tempered import run_tempered, tempered_smc
 
 MU0, S0 = 0.5, 1.5
 Y = np.array([2.5, -1.0, 0.8])

@@ -5,7 +5,6 @@ with their compute accounting (:mod:`.budget`: policy tokens and verifier calls 
 
 from .astar import AStarConfig, AStarQueue, AStarResult, astar
 from .budget import Compute, SearchBudget, check_values
-
 from .calibrate import CalibratedTwist, calibrate_twist
 from .checkpoint import load_tree, save_tree
 from .dts import (
