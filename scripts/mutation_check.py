@@ -39,6 +39,10 @@ CORE = (
     "pplalign/vi/estimators.py",
     "pplalign/vi/objectives.py",
     "pplalign/twists.py",
+    "pplalign/search/astar.py",
+    "pplalign/search/rebase.py",
+    "pplalign/vi/dpo.py",
+    "models/diffusers/scheduler.py",
 )
 TIMEOUT_S = 900  # per mutation; a mutation that hangs the tests counts as caught (the suite would not pass)
 
@@ -269,6 +273,38 @@ MUTATIONS = [
         "    log_g_l = log_g_l + log_phi",
         (TWISTS + "::test_trace_weights",),
         "the replayed weights forget the final φ/ψ_{T−1} correction",
+    ),
+    Mutation(
+        "astar_pops_largest_f",
+        "pplalign/search/astar.py",
+        "        i = jnp.argmin(f).astype(jnp.int32)\n",
+        "        i = jnp.argmax(jnp.where(jnp.isfinite(f), f, -jnp.inf)).astype(jnp.int32)\n",
+        ("tests/test_reasoning_search.py::test_astar_pops_in_nondecreasing_f",),
+        "A*-decoding pops the worst partial solution instead of the least g + h",
+    ),
+    Mutation(
+        "rebase_floor_rounding",
+        "pplalign/search/rebase.py",
+        "    edges = jnp.floor(jnp.asarray(total, jnp.float32) * cum + 0.5).astype(jnp.int32)\n",
+        "    edges = jnp.floor(jnp.asarray(total, jnp.float32) * cum * 0.999).astype(jnp.int32)\n",
+        ("tests/test_reasoning_search.py::test_rebase_allocation_sums_to_width_and_follows_softmax",),
+        "REBASE's allocation truncates, so the children no longer sum to the width",
+    ),
+    Mutation(
+        "dpo_no_beta",
+        "pplalign/vi/dpo.py",
+        "    return beta * ((pc - rc) - (pr - rr))\n",
+        "    return (pc - rc) - (pr - rr)\n",
+        ("tests/test_mcts_dpo.py::test_dpo_optimum_matches_the_closed_form_on_two_options",),
+        "the DPO logit forgets its temperature β",
+    ),
+    Mutation(
+        "ddim_no_eta",
+        "models/diffusers/scheduler.py",
+        "        std = np.float32(eta) * ((one - ab_prev) / (one - ab) * (one - ab / ab_prev)) ** 0.5\n",
+        "        std = ((one - ab_prev) / (one - ab) * (one - ab / ab_prev)) ** 0.5\n",
+        ("tests/test_diffusers_scheduler.py::test_every_configuration_steps_as_diffusers",),
+        "DDIM's noise scale ignores η (every DDIM run becomes η = 1)",
     ),
 ]
 
