@@ -21,6 +21,8 @@ def test_calibration_is_uniform_under_the_base_policy():
     # mid-rank ties and a weighted (exact) base law: values {0, 1} with P = (0.3, 0.7)
     c = np.asarray(infalign.calibrate([0.0, 1.0, 2.0, -1.0], [0.0, 1.0], [0.3, 0.7]))
     np.testing.assert_allclose(c, [0.15, 0.65, 1.0, 0.0], atol=1e-6)
+    # a NaN reward is not calibrated to the top (it stays NaN, so the non-finite-reward checks see it)
+    assert np.isnan(np.asarray(infalign.calibrate(np.array([np.nan, 1.0]), [0.0, 1.0]))[0])
 
 
 def test_transform_and_bon_win_rates():

@@ -74,7 +74,9 @@ def _mid_cdf(r, levels, below, mass):
     j = jnp.clip(i, 0, levels.shape[0] - 1)
     hit = (i < levels.shape[0]) & (levels[j] == r)
     cum = jnp.concatenate([jnp.zeros((1,), below.dtype), jnp.cumsum(mass)])
-    return cum[i] + jnp.where(hit, 0.5 * mass[j], 0.0)
+    u = cum[i] + jnp.where(hit, 0.5 * mass[j], 0.0)
+    # a NaN reward stays NaN (searchsorted would rank it above every level, the best calibrated reward)
+    return jnp.where(jnp.isnan(r), jnp.nan, u)
 
 
 def exponential_transform(u: Any, t: float) -> jax.Array:
