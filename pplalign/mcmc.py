@@ -1,9 +1,12 @@
 """MCMC moves for reward-tempered SMC on static programs: random-walk Metropolis–Hastings, MALA, HMC.
 
 Each move leaves the tempered target π_λ(z) ∝ p(z, c)·exp(λ·r(f(z))/β) invariant. One particle is a
-:class:`Point`, which caches log p(z, c) and the log potential ℓ(z) = r(f(z))/β *separately* (and their
-gradients for MALA/HMC), so that raising λ between SMC stages changes log π_λ = log p + λℓ without evaluating
-the program again. Positions are flat vectors (``jax.flatten_util.ravel_pytree`` of the choices).
+:class:`Point`, which caches log p(z, c) and the log potential ℓ(z) = r(f(z))/β *separately*, so that raising λ
+between SMC stages changes log π_λ = log p + λℓ without evaluating the program again; for MALA/HMC it also
+caches ∇ log π_λ and ∇ℓ, and :func:`retemper` moves the former to the next λ (∇ log π_{λ+δ} = ∇ log π_λ + δ∇ℓ).
+Inside an HMC trajectory only ∇ log π_λ is formed (one reverse pass per leapfrog step, as in any HMC); ∇ℓ, a
+second reverse pass, only at the trajectory's end, the one position that can become the particle.
+Positions are flat vectors (``jax.flatten_util.ravel_pytree`` of the choices).
 
 All moves take a per-coordinate step ``h`` [D] (the SMC sampler sets it from the spread of the particle
 cloud times an adapted multiplier, a diagonal preconditioner):
@@ -43,6 +46,7 @@ __all__ = [
     "make_evaluate",
     "log_density",
     "grad_log_density",
+    "retemper",
     "rwmh",
     "mala",
     "hmc",
@@ -63,29 +67,39 @@ class Point(NamedTuple):
     position: jax.Array  # [D]
     log_base: jax.Array  # [] log p(z, c) in the space of z
     log_tilt: jax.Array  # [] ℓ(z) = r(f(z))/β (may be −inf)
-    grad_base: jax.Array  # [D] ∇ log p (zeros for gradient-free moves)
-    grad_tilt: jax.Array  # [D] ∇ ℓ
+    grad: jax.Array  # [D] ∇ log π_λ = ∇ log p + λ∇ℓ at the stage's λ (zeros for gradient-free moves)
+    grad_tilt: jax.Array  # [D] ∇ ℓ, to carry ``grad`` to the next λ (zeros where it was not computed)
     draw: Any  # the program's Draw at z (what the reward saw)
     nonfinite: jax.Array  # [] bool: the reward returned NaN/+inf here
     nan_base: jax.Array  # [] bool: log p(z, c) was NaN here (read as −inf; an error at the initial particles)
 
 
-def make_evaluate(target: Any, unravel: Callable, with_grad: bool) -> Callable[[jax.Array], Point]:
-    """Point at a flat position of one particle of a :class:`pplalign.static.StaticTilted` target."""
+def make_evaluate(target: Any, unravel: Callable, with_grad: bool) -> Callable[..., Point]:
+    """``evaluate(position, lam, tilt_grad=True)``: the :class:`Point` of one particle of a
+    :class:`pplalign.static.StaticTilted` target at a flat position, with ∇ log π_λ.
+
+    ``tilt_grad=False`` skips ∇ℓ (``grad_tilt`` is then zeros): the gradient of log π_λ alone is one reverse
+    pass, as in any HMC; ∇ℓ costs a second one and is only needed at the points a move can end on, so that
+    :func:`retemper` can carry their gradient to the next stage's λ without evaluating the program again."""
 
     def values(position):
         log_p, draw = target.program.evaluate(unravel(position))
         return jnp.stack([jnp.asarray(log_p, jnp.float32), jnp.asarray(target.log_potential(draw), jnp.float32)]), draw
 
-    def evaluate(position: jax.Array) -> Point:
+    def evaluate(position: jax.Array, lam: jax.Array, tilt_grad: bool = True) -> Point:
         if with_grad:
-            # one forward pass and two pullbacks (jacrev of the [2] output costs ~2.5x more under vmap)
             vals, pull, draw = jax.vjp(values, position, has_aux=True)
-            g_base, g_tilt = (jnp.where(jnp.isfinite(g), g, 0.0) for g in
-                              (pull(jnp.array([1.0, 0.0], vals.dtype))[0], pull(jnp.array([0.0, 1.0], vals.dtype))[0]))
+            clean = lambda g: jnp.where(jnp.isfinite(g), g, 0.0)
+            lam_ = jnp.where(lam > 0, lam, 0.0).astype(vals.dtype)
+            g_tilt = clean(pull(jnp.array([0.0, 1.0], vals.dtype))[0]) if tilt_grad else jnp.zeros_like(position)
+            if tilt_grad:
+                # ∇ log p from its own pullback, as ∇ log π_λ must not inherit a non-finite ∇ℓ at λ = 0
+                grad = clean(pull(jnp.array([1.0, 0.0], vals.dtype))[0]) + lam_ * g_tilt
+            else:
+                grad = clean(pull(jnp.stack([jnp.ones((), vals.dtype), lam_]))[0])
         else:
             vals, draw = values(position)
-            g_base = g_tilt = jnp.zeros_like(position)
+            grad = g_tilt = jnp.zeros_like(position)
         log_base, log_tilt = vals[0], vals[1]
         bad = jnp.isnan(log_tilt) | (log_tilt == jnp.inf)
         log_tilt = jnp.where(bad, -jnp.inf, log_tilt)
@@ -93,9 +107,14 @@ def make_evaluate(target: Any, unravel: Callable, with_grad: bool) -> Callable[[
         log_base = jnp.where(nan_base | (log_base == jnp.inf), -jnp.inf, log_base)
         off = ~jnp.all(jnp.isfinite(position))
         log_base = jnp.where(off, -jnp.inf, log_base)
-        return Point(position, log_base, log_tilt, g_base, g_tilt, draw, bad & ~off, nan_base & ~off)
+        return Point(position, log_base, log_tilt, grad, g_tilt, draw, bad & ~off, nan_base & ~off)
 
     return evaluate
+
+
+def retemper(points: Point, delta: jax.Array) -> Point:
+    """The points' ∇ log π_λ carried to λ + δ: ∇ log π_{λ+δ} = ∇ log π_λ + δ∇ℓ (exact, no evaluation)."""
+    return points._replace(grad=points.grad + jnp.where(delta > 0, delta, 0.0) * points.grad_tilt)
 
 
 def log_density(point: Point, lam: jax.Array) -> jax.Array:
@@ -104,7 +123,9 @@ def log_density(point: Point, lam: jax.Array) -> jax.Array:
 
 
 def grad_log_density(point: Point, lam: jax.Array) -> jax.Array:
-    return point.grad_base + lam * point.grad_tilt
+    """∇ log π_λ at the point; ``point.grad`` was evaluated (or :func:`retemper`-ed) at this λ."""
+    del lam
+    return point.grad
 
 
 def _select(accept: jax.Array, new: Point, old: Point) -> Point:
@@ -118,7 +139,7 @@ def _accept(key, log_ratio):
 
 def rwmh(key, point: Point, lam, h, evaluate, num_leapfrog: int = 1):
     k1, k2 = jax.random.split(key)
-    new = evaluate(point.position + h * jax.random.normal(k1, point.position.shape))
+    new = evaluate(point.position + h * jax.random.normal(k1, point.position.shape), lam)
     accept = _accept(k2, log_density(new, lam) - log_density(point, lam))
     return _select(accept, new, point), accept
 
@@ -127,7 +148,7 @@ def mala(key, point: Point, lam, h, evaluate, num_leapfrog: int = 1):
     k1, k2 = jax.random.split(key)
     h2 = h * h
     mean_fwd = point.position + 0.5 * h2 * grad_log_density(point, lam)
-    new = evaluate(mean_fwd + h * jax.random.normal(k1, point.position.shape))
+    new = evaluate(mean_fwd + h * jax.random.normal(k1, point.position.shape), lam)
     mean_bwd = new.position + 0.5 * h2 * grad_log_density(new, lam)
     log_q_fwd = -0.5 * jnp.sum((new.position - mean_fwd) ** 2 / h2)
     log_q_bwd = -0.5 * jnp.sum((point.position - mean_bwd) ** 2 / h2)
@@ -140,14 +161,14 @@ def hmc(key, point: Point, lam, h, evaluate, num_leapfrog: int = 5):
     k1, k2 = jax.random.split(key)
     p0 = jax.random.normal(k1, point.position.shape)
 
-    def leapfrog(carry, _):
-        pt, p = carry
+    def leapfrog(pt, p, tilt_grad):
         p = p + 0.5 * h * grad_log_density(pt, lam)
-        new = evaluate(pt.position + h * p)
-        p = p + 0.5 * h * grad_log_density(new, lam)
-        return (new, p), None
+        new = evaluate(pt.position + h * p, lam, tilt_grad)
+        return new, p + 0.5 * h * grad_log_density(new, lam)
 
-    (new, p1), _ = jax.lax.scan(leapfrog, (point, p0), None, length=num_leapfrog)
+    # only the last position can become the particle, so only it needs ∇ℓ (for retemper)
+    (mid, p), _ = jax.lax.scan(lambda c, _: (leapfrog(*c, False), None), (point, p0), None, length=num_leapfrog - 1)
+    new, p1 = leapfrog(mid, p, True)
     log_ratio = log_density(new, lam) - 0.5 * jnp.sum(p1 * p1) - log_density(point, lam) + 0.5 * jnp.sum(p0 * p0)
     accept = _accept(k2, log_ratio)
     return _select(accept, new, point), accept

@@ -204,7 +204,7 @@ def run_tempered(
     positions = jax.vmap(lambda z: ravel_pytree(z)[0])(zs).astype(jnp.float32)
     dim = flat0.shape[0]
     evaluate = mcmc_lib.make_evaluate(target, unravel, with_grad)
-    points = constrain_particles(jax.vmap(evaluate)(constrain_particles(positions, mesh)), mesh)
+    points = constrain_particles(jax.vmap(lambda x: evaluate(x, 0.0))(constrain_particles(positions, mesh)), mesh)
     # a NaN density or a NaN draw (a NaN parameter makes both) at the prior's own draws is a broken program
     nan_at_init = jnp.any(points.nan_base) | jnp.any(jnp.isnan(log_w0)) | ~jnp.all(jnp.isfinite(positions))
     log_w0 = jnp.where(jnp.isnan(log_w0) | (log_w0 == jnp.inf), -jnp.inf, jnp.asarray(log_w0, jnp.float32))
@@ -249,9 +249,11 @@ def run_tempered(
         ess = _ess(log_w)
         # per-coordinate spread of π_{λ_k}, from the reweighted cloud (a diagonal preconditioner)
         scale = _weighted_spread(c.points.position, log_w)
+        # the cached ∇ log π_{λ_{k-1}} carried to λ_k from the cached ∇ℓ, so the moves evaluate nothing extra
+        retempered = mcmc_lib.retemper(c.points, lam - c.lam)
         points, idx, stats, particle_moves = _stage_moves(
-            jax.random.fold_in(run_key, k), c.points, log_w, lam, scale, c.mult, alive, n, opts, kernel,
-            evaluate, mesh,
+            jax.random.fold_in(run_key, k), retempered, log_w, lam, scale, c.mult, alive, n, opts, kernel, evaluate,
+            mesh,
         )
         adapted = mcmc_lib.adapt_multiplier(c.mult, stats.acceptance, goal_acc)
         return _Carry(
