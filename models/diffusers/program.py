@@ -92,9 +92,12 @@ class UNetSampler:
         k = jnp.asarray(t) + 1
         last = k >= self.num_steps
         x = jnp.asarray(x_t, jnp.float32)
-        x0, eps = self._predict(x, jnp.minimum(k, self.num_steps - 1))
+        # the finished sample needs no prediction: a cond skips the network there (S calls per sample, as
+        # diffusers' loop makes; under a vmap over steps it becomes a select and both branches run)
+        x0, eps = jax.lax.cond(last, lambda: (x, jnp.zeros_like(x)),
+                               lambda: self._predict(x, jnp.minimum(k, self.num_steps - 1)))
         time = jnp.where(last, 0, self.schedule.timesteps[jnp.minimum(k, self.num_steps - 1)] + 1)
-        return UNetState(x, time.astype(jnp.int32), jnp.where(last, x, x0), jnp.where(last, 0.0, eps))
+        return UNetState(x, time.astype(jnp.int32), x0, eps)
 
     def output(self, state: UNetState) -> jax.Array:
         return state.x
