@@ -43,6 +43,8 @@ CORE = (
     "pplalign/search/rebase.py",
     "pplalign/vi/dpo.py",
     "models/diffusers/scheduler.py",
+    "pplalign/tempered.py",
+    "pplalign/mcmc.py",
 )
 TIMEOUT_S = 900  # per mutation; a mutation that hangs the tests counts as caught (the suite would not pass)
 
@@ -305,6 +307,22 @@ MUTATIONS = [
         "        std = ((one - ab_prev) / (one - ab) * (one - ab / ab_prev)) ** 0.5\n",
         ("tests/test_diffusers_scheduler.py::test_every_configuration_steps_as_diffusers",),
         "DDIM's noise scale ignores η (every DDIM run becomes η = 1)",
+    ),
+    Mutation(
+        "tempered_ess_solver_wrong_direction",
+        "pplalign/tempered.py",
+        "        return jnp.where(good, mid, lo), jnp.where(good, hi, mid)\n",
+        "        return jnp.where(good, lo, mid), jnp.where(good, mid, hi)\n",
+        ("tests/test_tempered_schedule.py::test_first_increment_matches_closed_form",),
+        "the λ bisection moves the wrong way (blackjax #914's sign error: tempering stalls or overshoots)",
+    ),
+    Mutation(
+        "waste_free_keeps_only_starts",
+        "pplalign/mcmc.py",
+        "        lambda s, c: jnp.concatenate([s[None], c]).reshape((-1,) + s.shape[1:]), starts, chain\n",
+        "        lambda s, c: jnp.concatenate([s[None]] * (c.shape[0] + 1)).reshape((-1,) + s.shape[1:]), starts, chain\n",
+        ("tests/test_tempered_schedule.py::test_waste_free_keeps_every_chain_state",),
+        "waste-free moves drop the chain states and keep M copies of the resampled starts",
     ),
 ]
 
