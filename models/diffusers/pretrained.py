@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from models.hf.pretrained import _dtype
+from models.hf.pretrained import resolve as hf_resolve
 from models.hf.tokenizer import _read_json
 
 from .config import config_from_diffusers, config_to_diffusers
@@ -37,26 +38,9 @@ _ONLY = {"ddpm": {"set_alpha_to_one"}, "ddim": {"variance_type"}}  # fields the 
 
 
 def resolve(path_or_name: str | Path) -> Path:
-    """A local directory as it is; otherwise a hub name (``google/ddpm-cifar10-32``) through
-    ``huggingface_hub.snapshot_download``, the local cache first, then the network; only the UNet and
-    scheduler files are fetched. Raises ``ValueError`` saying how to download when neither works."""
-    path = Path(path_or_name).expanduser()
-    if path.is_dir():
-        return path
-    name = str(path_or_name)
-    if path.exists() or name.count("/") > 1 or name.startswith((".", "/", "~")):
-        raise ValueError(f"no such diffusers model directory: {name}")
-    from huggingface_hub import snapshot_download
-
-    error = None
-    for local_only in (True, False):
-        try:
-            return Path(snapshot_download(repo_id=name, allow_patterns=_FILES, local_files_only=local_only))
-        except Exception as e:  # offline, unknown or gated repo: all end in the same advice
-            error = f"{type(e).__name__}: {e}".splitlines()[0]
-    raise ValueError(f"{name!r} is not a local directory and could not be fetched from the Hugging Face hub "
-                     f"({error}). Download it first on a machine with network access, e.g. "
-                     f"`hf download {name} --local-dir ./{name.split('/')[-1]}`, then pass that directory.")
+    """A local directory as it is; otherwise a hub name (``google/ddpm-cifar10-32``), fetching only the UNet
+    and scheduler files (:func:`models.hf.pretrained.resolve`: the local cache first, then the network)."""
+    return hf_resolve(path_or_name, allow_patterns=_FILES)
 
 
 def unet_directory(directory: Path) -> Path:

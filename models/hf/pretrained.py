@@ -40,9 +40,10 @@ def _dtype(value: Any, what: str, default=None):
     return DTYPES[name]
 
 
-def resolve(path_or_name: str | Path) -> Path:
+def resolve(path_or_name: str | Path, allow_patterns: list[str] = _FILES) -> Path:
     """A local directory as it is; otherwise a hub name through ``huggingface_hub.snapshot_download`` (its
-    cache first, then the network). Raises ``ValueError`` saying how to download when neither works."""
+    cache first, then the network), fetching only ``allow_patterns``. Raises ``ValueError`` saying how to
+    download when neither works."""
     path = Path(path_or_name).expanduser()
     if path.is_dir():
         return path
@@ -56,7 +57,7 @@ def resolve(path_or_name: str | Path) -> Path:
     errors = []
     for local_only in (True, False):
         try:
-            return Path(snapshot_download(repo_id=name, allow_patterns=_FILES, local_files_only=local_only))
+            return Path(snapshot_download(repo_id=name, allow_patterns=allow_patterns, local_files_only=local_only))
         except Exception as e:  # offline, unknown repo, gated repo, bad name: all end in the same advice
             errors.append(f"{type(e).__name__}: {e}".splitlines()[0])
     raise ValueError(
