@@ -81,20 +81,16 @@ def _check_target(target: Any, sampler: Optional[str], num_particles: Any, kwarg
 
         check_static_inputs(target, num_particles)
         if sampler in (None, "tempered"):
-            from .tempered import _OPTIONS, _check
+            from .tempered import _OPTIONS, MOVE_OPTIONS, _check
 
             get = lambda name: kwargs.get(name, _OPTIONS[name])  # noqa: E731
             checked = _check(target, num_particles, get("ess_target"), get("mcmc"), get("num_mcmc_steps"),
                              get("num_leapfrog"), get("max_stages"), get("schedule"), None,
-                             **{name: get(name) for name in _MOVE_OPTIONS})
+                             **{name: get(name) for name in MOVE_OPTIONS})
             names = ("ess_target", "num_mcmc_steps", "num_leapfrog", "max_stages")
             kwargs.update({k: v for k, v in zip(names, checked[1:]) if k in kwargs})
             kwargs.update({k: v for k, v in checked[5].items() if k in kwargs})
     _runner(target, sampler)
-
-
-# tempered SMC's move options (pplalign.tempered.run_tempered), validated before the islands run
-_MOVE_OPTIONS = ("step_size", "adapt_step", "target_acceptance", "max_mcmc_steps", "esjd_target", "waste_free")
 
 
 def pool_islands(islands: Particles) -> Particles:

@@ -374,6 +374,8 @@ def _raise_on_nan_at_init(key, target: StaticTilted, n: int) -> None:
 
 
 # the keywords of tempered_smc and their defaults: run_tempered's, whose signature is the one place they live
+# the move options, validated by _check_moves
+MOVE_OPTIONS = ("step_size", "adapt_step", "target_acceptance", "max_mcmc_steps", "esjd_target", "waste_free")
 _OPTIONS = {
     name: param.default
     for name, param in inspect.signature(run_tempered).parameters.items()
@@ -388,10 +390,9 @@ def tempered_smc_with_info(key: jax.Array, target: StaticTilted, num_particles: 
         raise TypeError(f"tempered_smc got unexpected keyword(s) {unknown}; it takes {sorted(_OPTIONS)}")
     o = _OPTIONS | options
     schedule, mesh, mcmc = o["schedule"], o["mesh"], o["mcmc"]
-    move_names = ("step_size", "adapt_step", "target_acceptance", "max_mcmc_steps", "esjd_target", "waste_free")
     num_particles, ess_target, num_mcmc_steps, num_leapfrog, max_stages, moves = _check(
         target, num_particles, o["ess_target"], mcmc, o["num_mcmc_steps"], o["num_leapfrog"], o["max_stages"],
-        schedule, mesh, key, **{name: o[name] for name in move_names},
+        schedule, mesh, key, **{name: o[name] for name in MOVE_OPTIONS},
     )
     if schedule is not None:
         schedule = jnp.asarray(schedule, jnp.float32)
